@@ -1,0 +1,1 @@
+"""Data layer: dataset source, schema, loading, patient-level split, preprocessing."""

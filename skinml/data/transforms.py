@@ -1,0 +1,103 @@
+"""Image transform presets: one definition for training, evaluation and the served model.
+
+The evaluation path is: decode -> RGB -> square bilinear resize to ``image_size`` (uint8) ->
+float in [0, 1] -> normalise with the backbone's mean/std. Training decodes once to
+``train_resize`` and augments from the cached uint8 array.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from skinml.data.images import DEFAULT_MAX_PIXELS, open_image, resize_to_array
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """Everything needed to turn a photo into the tensor a model expects."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> ImageConfig:
+        return cls(
+            image_size=int(state["image_size"]),
+            mean=tuple(float(x) for x in state["mean"]),
+            std=tuple(float(x) for x in state["std"]),
+            max_pixels=int(state.get("max_pixels", DEFAULT_MAX_PIXELS)),
+        )
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation (the original recipe's values are the defaults)."""
+
+    resize: int = 257
+    hflip: float = 0.5
+    vflip: float = 0.5
+    brightness: float = 0.3
+    contrast: float = 0.3
+    saturation: float = 0.3
+    hue: float = 0.05
+    rotation: float = 20.0
+    translate: float = 0.1
+    scale: tuple[float, float] = field(default=(0.9, 1.1))
+    blur_kernel: int = 3
+    blur_p: float = 0.2
+    erasing_p: float = 0.2
+
+
+def _normalize(config: ImageConfig) -> list:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(config.mean), list(config.std))]
+
+
+def uint8_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """HWC uint8 array -> CHW uint8 tensor (no copy of pixel values beyond the permute)."""
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+
+
+def build_eval_transform(config: ImageConfig) -> v2.Compose:
+    """Acts on a CHW uint8 tensor already resized to ``config.image_size``."""
+    return v2.Compose(_normalize(config))
+
+
+def build_train_transform(config: ImageConfig, augment: AugmentConfig) -> v2.Compose:
+    """Acts on a CHW uint8 tensor resized to ``augment.resize``."""
+    steps: list = [v2.RandomCrop(config.image_size)] if augment.resize > config.image_size else []
+    if augment.resize < config.image_size:
+        steps.append(v2.Resize((config.image_size, config.image_size), antialias=True))
+    if augment.hflip:
+        steps.append(v2.RandomHorizontalFlip(augment.hflip))
+    if augment.vflip:
+        steps.append(v2.RandomVerticalFlip(augment.vflip))
+    if any((augment.brightness, augment.contrast, augment.saturation, augment.hue)):
+        steps.append(v2.ColorJitter(augment.brightness, augment.contrast, augment.saturation, augment.hue))
+    if augment.rotation:
+        steps.append(v2.RandomRotation(augment.rotation))
+    if augment.translate or tuple(augment.scale) != (1.0, 1.0):
+        steps.append(v2.RandomAffine(degrees=0, translate=(augment.translate,) * 2, scale=tuple(augment.scale)))
+    if augment.blur_kernel and augment.blur_p:
+        steps.append(v2.RandomApply([v2.GaussianBlur(augment.blur_kernel)], p=augment.blur_p))
+    steps += _normalize(config)
+    if augment.erasing_p:
+        steps.append(v2.RandomErasing(p=augment.erasing_p))
+    return v2.Compose(steps)
+
+
+def prepare_image(source: str | bytes, config: ImageConfig, name: str | None = None) -> torch.Tensor:
+    """Photo (path or encoded bytes) -> normalised CHW float tensor, exactly as in evaluation."""
+    array = resize_to_array(open_image(source, name=name, max_pixels=config.max_pixels), config.image_size)
+    return build_eval_transform(config)(uint8_to_tensor(array))

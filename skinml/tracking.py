@@ -1,0 +1,192 @@
+"""MLflow store setup and logging helpers.
+
+Default store: SQLite ``mlflow.db`` for tracking and the registry, artifacts under ``mlruns/``,
+both at the project root, whatever the working directory. ``MLFLOW_TRACKING_URI`` wins when
+set. Inside ``mlflow run`` the run it started (``MLFLOW_RUN_ID``) is reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+import mlflow  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "skinml"
+HOME_ENV = "SKINML_HOME"
+#: Tags every skinml run carries, used to find runs of a kind without name clashes.
+TAG_STEP = "skinml.step"
+TAG_FAMILY = "skinml.model_family"
+TAG_MODEL = "skinml.model"
+TAG_RECIPE = "skinml.recipe"
+TAG_SPLIT_HASH = "skinml.split_manifest_sha256"
+TAG_SPLIT_RUN = "skinml.split_run_id"
+TAG_TRAIN_RUN = "skinml.train_run_id"
+
+
+def project_root() -> Path:
+    """The folder holding ``MLproject``: ``$SKINML_HOME``, else the checkout this package is in,
+    else the current directory."""
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV]).resolve()
+    here = Path(__file__).resolve().parent.parent
+    if (here / "MLproject").is_file():
+        return here
+    return Path.cwd().resolve()
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def artifact_root() -> Path:
+    return project_root() / "mlruns"
+
+
+_initialised: set[str] = set()
+
+
+def setup_tracking() -> str:
+    """Point MLflow at the project store, creating or upgrading the database once.
+
+    Creation happens under an exclusive file lock: several processes creating a new SQLite
+    database at once corrupt it for good (MLFLOW.md).
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri in _initialised:
+        return uri
+    if uri.startswith("sqlite:///"):
+        db_path = Path(uri[len("sqlite:///"):])
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = db_path.with_name(db_path.name + ".lock")
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+                # Creating the store runs the schema migrations; the explicit artifact root
+                # pins the Default experiment's artifacts under mlruns/ too.
+                artifact_root().mkdir(parents=True, exist_ok=True)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    SqlAlchemyStore(uri, artifact_root().as_uri())
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    _initialised.add(uri)
+    return uri
+
+
+def get_experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
+    """Existing experiment id, or a new experiment whose artifacts live under ``mlruns/<name>``."""
+    setup_tracking()
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = (artifact_root() / name).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+        return client.get_experiment_by_name(name).experiment_id
+
+
+@contextlib.contextmanager
+def start_run(
+    step: str,
+    experiment: str | None = None,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    nested: bool = False,
+    log_system_metrics: bool = False,
+) -> Iterator[mlflow.ActiveRun]:
+    """Start (or, under ``mlflow run``, resume) a run tagged with its step and git commit.
+
+    A run that raises is ended as FAILED by MLflow's context manager; nothing else is touched.
+    """
+    setup_tracking()
+    all_tags = {TAG_STEP: step, **git_tags(), **(tags or {})}
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    active = mlflow.active_run()
+    if env_run and not nested and (active is None or active.info.run_id == env_run):
+        run = mlflow.start_run(run_id=env_run, log_system_metrics=log_system_metrics) if active is None else active
+        if run_name:
+            all_tags["mlflow.runName"] = run_name
+    else:
+        experiment_id = None if (nested and active) else get_experiment_id(experiment or DEFAULT_EXPERIMENT)
+        if nested and active:
+            experiment_id = active.info.experiment_id
+        run = mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name, nested=nested, log_system_metrics=log_system_metrics
+        )
+    with run:
+        mlflow.set_tags(all_tags)
+        yield run
+
+
+def git_tags() -> dict[str, str]:
+    """Commit of the checkout (and whether it had uncommitted changes), when there is one."""
+    root = project_root()
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "skinml.git_commit": commit, "skinml.git_dirty": str(bool(dirty))}
+
+
+def log_json(data: Any, artifact_file: str) -> None:
+    mlflow.log_text(json.dumps(data, indent=2, sort_keys=True, default=str), artifact_file)
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log parameters as strings (MLflow's limit is 6000 characters each).
+
+    ``mlflow run`` has already logged the raw entry-point parameters (``data_dir=''``); a value
+    we resolved differently goes in as ``resolved.<key>`` instead of failing the run.
+    """
+    existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    out = {}
+    for key, value in params.items():
+        text = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
+        text = text[:6000]
+        if key in existing and existing[key] != text:
+            key = f"resolved.{key}"
+        if existing.get(key) != text:
+            out[key] = text
+    if out:
+        mlflow.log_params(out)
+
+
+def download_artifact(run_id: str, path: str, dst: str | os.PathLike | None = None) -> Path:
+    setup_tracking()
+    dst = dst or tempfile.mkdtemp(prefix="skinml-")
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

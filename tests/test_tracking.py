@@ -1,0 +1,53 @@
+"""MLflow store setup and the split step's run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from skinml import tracking
+from skinml.data.split import manifest_bytes
+from skinml.pipeline import load_split, run_split
+
+
+def test_store_lives_at_project_root(mlflow_store, monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)  # the working directory must not matter
+    uri = tracking.setup_tracking()
+    assert uri == f"sqlite:///{mlflow_store / 'mlflow.db'}"
+    assert (mlflow_store / "mlflow.db").is_file()
+    exp = mlflow.MlflowClient().get_experiment(tracking.get_experiment_id("skinml"))
+    assert exp.artifact_location == (mlflow_store / "mlruns" / "skinml").as_uri()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_split_run_records_manifest_summary_hash_and_inputs(mlflow_store, synthetic_dir):
+    ref = run_split(str(synthetic_dir), seed=42)
+    run = mlflow.MlflowClient().get_run(ref.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[tracking.TAG_SPLIT_HASH] == ref.sha256
+    assert run.data.tags[tracking.TAG_STEP] == "split"
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(ref.run_id, "split")} == {
+        "split/manifest.csv", "split/summary.csv"}
+    assert sorted(i.tags[0].value for i in run.inputs.dataset_inputs) == ["test", "train", "val"]
+    again = load_split(ref.run_id)
+    assert manifest_bytes(again.manifest) == manifest_bytes(ref.manifest) and again.sha256 == ref.sha256
+    assert run.info.artifact_uri.startswith((mlflow_store / "mlruns").as_uri())
+
+
+def test_failed_split_leaves_earlier_runs(mlflow_store, synthetic_dir, tmp_path):
+    ok = run_split(str(synthetic_dir))
+    with pytest.raises(Exception):
+        run_split(str(tmp_path / "missing"))
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.run_id for r in runs] == [ok.run_id] and runs[0].info.status == "FINISHED"
+
+
+def test_cli_split_reports_bad_folder_without_traceback(mlflow_store, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "skinml.cli", "split", "--data-dir", str(tmp_path / "nope")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "nope" in result.stderr and "Traceback" not in result.stderr
