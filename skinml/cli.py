@@ -89,6 +89,106 @@ def synth(out, n, image_size, seed, nested):
     click.echo(f"wrote {n} synthetic images and metadata.csv to {path}")
 
 
+def _recipe_options(func):
+    """Options that override a recipe preset; unset ones keep the preset's value."""
+    from skinml.training.recipe import IMBALANCE_CHOICES
+
+    options = [
+        click.option("--recipe", default="default", show_default=True, help="Preset: default or seed (the original)."),
+        click.option("--model", default="cnn_fusion", show_default=True,
+                     help="cnn_fusion, spatial_fusion, image_only or metadata_only."),
+        click.option("--backbone", default=None, callback=_empty_to_none, help="timm backbone name."),
+        click.option("--pretrained", default=None, callback=_empty_to_none,
+                     help="auto, none, package, timm or a weights file."),
+        click.option("--imbalance", default=None, callback=_empty_to_none, type=click.Choice(IMBALANCE_CHOICES)),
+        click.option("--epochs", default=None, callback=_empty_to_none),
+        click.option("--batch-size", default=None, callback=_empty_to_none),
+        click.option("--lr-backbone", default=None, callback=_empty_to_none),
+        click.option("--lr-head", default=None, callback=_empty_to_none),
+        click.option("--weight-decay", default=None, callback=_empty_to_none),
+        click.option("--label-smoothing", default=None, callback=_empty_to_none),
+        click.option("--image-size", default=None, callback=_empty_to_none),
+        click.option("--early-stopping-patience", default=None, callback=_empty_to_none),
+        click.option("--include-biopsed", default=None, callback=_empty_to_none,
+                     help="true reproduces the original 22 features (biopsed is a label proxy)."),
+        click.option("--missing-indicators", default=None, callback=_empty_to_none),
+        click.option("--metadata-encoding", default=None, callback=_empty_to_none),
+        click.option("--set", "extra", multiple=True, metavar="KEY=VALUE",
+                     help="Any other recipe field, e.g. --set augment_rotation=10 --set optimizer=adamw."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _build_recipe(recipe: str, extra: tuple[str, ...], **overrides):
+    import json
+
+    from skinml.training.recipe import resolve_recipe
+
+    for item in extra:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        if key == "model_options":
+            value = json.loads(value)
+        overrides[key.replace("-", "_")] = value
+    return resolve_recipe(recipe, **overrides)
+
+
+@cli.command()
+@_recipe_options
+@data_dir_option
+@click.option("--split", "split_ref", default=None, callback=_empty_to_none,
+              help="Split run id (or manifest path); made with the defaults when omitted.")
+@click.option("--seed", default=42, show_default=True, type=int)
+@click.option("--resume", default=None, callback=_empty_to_none, help="Run id to continue from its last checkpoint.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--num-workers", default=None, callback=_empty_to_none, type=int)
+@click.option("--run-name", default=None, callback=_empty_to_none)
+@experiment_option
+@_friendly_errors
+def train(recipe, extra, data_dir, split_ref, seed, resume, device, num_workers, run_name, experiment, **overrides):
+    """Train a model on a patient-level split, tracked in MLflow."""
+    from skinml.training.run import train as run_training
+
+    resolved = _build_recipe(recipe, extra, **overrides)
+    result = run_training(resolved, split=split_ref, data_dir=data_dir, seed=seed, resume=resume,
+                          experiment=experiment, device=device, num_workers=num_workers, run_name=run_name)
+    click.echo(
+        f"training run {result.run_id}: selected epoch {result.best_epoch} of {result.epochs_run} "
+        f"(val loss {result.best_val_loss:.4f}, val balanced accuracy {result.best_val_bacc:.3f})"
+    )
+
+
+@cli.command()
+@click.option("--run-id", required=True, help="Training run to evaluate (its selected checkpoint).")
+@click.option("--split", "split_name", default="test", show_default=True, type=click.Choice(["test", "val"]))
+@data_dir_option
+@click.option("--n-boot", default=1000, show_default=True, type=int, help="Patient bootstrap resamples.")
+@click.option("--device", default="cpu", show_default=True)
+@_friendly_errors
+def evaluate(run_id, split_name, data_dir, n_boot, device):
+    """Score a training run on its split's test (or validation) rows and log everything."""
+    from skinml.evaluation.report import evaluate_run
+
+    evaluate_run(run_id, split=split_name, data_dir=data_dir, n_boot=n_boot, device=device)
+
+
+@cli.command()
+@click.argument("run_ids", nargs=-1)
+@click.option("--experiment", "experiments", multiple=True, help="Only runs of these experiments.")
+@click.option("--filter", "filter_string", default="", help="Extra MLflow search filter, e.g. \"params.seed = '1'\".")
+@click.option("--out", default="outputs/compare", show_default=True, help="Folder for the table and figure.")
+@click.option("--no-log", is_flag=True, help="Do not log the comparison as an MLflow run.")
+@_friendly_errors
+def compare(run_ids, experiments, filter_string, out, no_log):
+    """Compare evaluated training runs (ids, or all finished ones): table + figure."""
+    from skinml.evaluation.runs import compare_runs
+
+    compare_runs(list(run_ids) or None, list(experiments) or None, filter_string, out, log=not no_log)
+
+
 @cli.command("models")
 @click.option("--num-metadata-features", default=None, type=int,
               help="Metadata width (default: that of the default preprocessor).")

@@ -1,0 +1,188 @@
+"""The tracked evaluation step: score a training run's selected checkpoint on its own split.
+
+Besides the usual metrics it measures how much the score leans on metadata (DATA.md): the
+same metrics on rows with a complete questionnaire and on rows without, and the whole split
+scored again with every clinical field masked (set to missing, then imputed as in training).
+Results go to the training run (stepless ``test_*`` metrics, ``evaluation/<split>/`` files)
+and, under ``mlflow run``, to the evaluate run too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.entities import Metric
+from torch.utils.data import DataLoader
+
+from skinml import tracking
+from skinml.data import schema
+from skinml.data.source import load_metadata
+from skinml.data.split import attach_split
+from skinml.data.transforms import build_eval_transform
+from skinml.evaluation.bootstrap import bootstrap_ci, flatten_ci
+from skinml.evaluation.metrics import compute_metrics, flatten_metrics, format_report, to_jsonable
+from skinml.evaluation.plots import plot_confusion_matrix, plot_reliability, plot_roc_curves, save_figure
+from skinml.training import checkpoints
+from skinml.training.data import LesionDataset, build_split_arrays
+from skinml.training.loop import predict
+
+SPLIT_PREFIX = {"test": "test_", "val": "evalval_"}
+
+
+def mask_metadata(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every clinical feature set to missing (identifiers, label and image path kept)."""
+    masked = frame.copy()
+    for column in schema.FEATURES:
+        masked[column] = None
+    return masked
+
+
+def complete_questionnaire(frame: pd.DataFrame) -> np.ndarray:
+    """True where all 13 questionnaire fields are present."""
+    return frame[list(schema.QUESTIONNAIRE_FEATURES)].notna().all(axis=1).to_numpy()
+
+
+def score_frame(bundle: checkpoints.InferenceBundle, frame: pd.DataFrame, device: torch.device | None = None,
+                batch_size: int = 64, images: np.ndarray | None = None) -> np.ndarray:
+    """Class probabilities for each row of ``frame`` with the evaluation transform."""
+    device = device or torch.device("cpu")
+    if images is None and bundle.uses_images:
+        images = build_split_arrays(frame, bundle.preprocessor, bundle.image_config.image_size).images
+    labels = frame[schema.TARGET].map(schema.LABEL_TO_INDEX).fillna(0).to_numpy(dtype=np.int64)
+    dataset = LesionDataset(images if bundle.uses_images else None, bundle.preprocessor.transform(frame), labels,
+                            build_eval_transform(bundle.image_config) if bundle.uses_images else None)
+    bundle.model.to(device)
+    proba, _ = predict(bundle.model, DataLoader(dataset, batch_size=batch_size, shuffle=False), device, desc="score")
+    return proba
+
+
+@dataclass
+class EvaluationResult:
+    metrics: dict[str, float]
+    report: str
+    predictions: pd.DataFrame
+
+
+def _subset_metrics(y: np.ndarray, proba: np.ndarray, mask: np.ndarray) -> dict[str, Any] | None:
+    if mask.sum() == 0:
+        return None
+    return compute_metrics(y[mask], proba[mask])
+
+
+def evaluate_run(run_id: str, split: str = "test", data_dir: str | None = None, n_boot: int = 1000,
+                 device: str = "cpu", batch_size: int = 64) -> EvaluationResult:
+    if split not in SPLIT_PREFIX:
+        raise ValueError(f"split must be one of {sorted(SPLIT_PREFIX)}, got {split!r}")
+    tracking.setup_tracking()
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    if run.data.tags.get(tracking.TAG_STEP) != "train":
+        raise ValueError(f"run {run_id} is not a skinml training run (tag {tracking.TAG_STEP}={run.data.tags.get(tracking.TAG_STEP)!r})")
+    start = time.perf_counter()
+    state = checkpoints.load(tracking.download_artifact(run_id, checkpoints.BEST))
+    bundle = checkpoints.build_inference_bundle(state)
+
+    from skinml.pipeline import load_split
+
+    split_ref = load_split(run.data.params.get("split_run_id") or run.data.params["split_source"])
+    if split_ref.sha256 != run.data.tags.get(tracking.TAG_SPLIT_HASH):
+        raise ValueError(f"the split found for run {run_id} does not match the hash it was trained with")
+    data_dir = data_dir or run.data.params.get("resolved.data_dir") or run.data.params.get("data_dir")
+    frame = attach_split(load_metadata(data_dir), split_ref.manifest)
+    frame = frame[frame["split"] == split].reset_index(drop=True)
+    y = frame[schema.TARGET].map(schema.LABEL_TO_INDEX).to_numpy()
+
+    dev = torch.device(device)
+    images = build_split_arrays(frame, bundle.preprocessor, bundle.image_config.image_size).images if bundle.uses_images else None
+    proba = score_frame(bundle, frame, dev, batch_size, images)
+    masked_proba = score_frame(bundle, mask_metadata(frame), dev, batch_size, images)
+    complete = complete_questionnaire(frame)
+
+    prefix = SPLIT_PREFIX[split]
+    full = compute_metrics(y, proba)
+    ci = bootstrap_ci(y, proba.argmax(1), frame[schema.PATIENT_ID].to_numpy(), n_boot=n_boot, seed=0)
+    subsets = {
+        "complete_metadata": _subset_metrics(y, proba, complete),
+        "incomplete_metadata": _subset_metrics(y, proba, ~complete),
+        "masked_metadata": compute_metrics(y, masked_proba),
+    }
+    flat = {**flatten_metrics(full, prefix=prefix), **flatten_ci(ci, prefix=prefix)}
+    for name, metrics in subsets.items():
+        if metrics is not None:
+            sub = flatten_metrics(metrics, prefix=f"{prefix}{name}_")
+            flat.update({k: v for k, v in sub.items() if k.split(f"{name}_", 1)[1] in
+                         ("n", "accuracy", "balanced_accuracy", "auc_macro", "recall_MEL")})
+    if split == "test":
+        for metric, summary in (("accuracy", "best_val_accuracy"), ("balanced_accuracy", "best_val_bacc")):
+            if summary in run.data.metrics:
+                flat[f"val_test_gap_{metric}"] = run.data.metrics[summary] - full[metric]
+    flat[f"{prefix}eval_seconds"] = time.perf_counter() - start
+
+    predictions = frame[[schema.IMAGE_ID, schema.PATIENT_ID, schema.TARGET]].rename(columns={schema.TARGET: "true"})
+    predictions["predicted"] = [schema.LABELS[i] for i in proba.argmax(1)]
+    predictions["predicted_masked_metadata"] = [schema.LABELS[i] for i in masked_proba.argmax(1)]
+    predictions["complete_metadata"] = complete
+    for i, label in enumerate(schema.LABELS):
+        predictions[f"p_{label}"] = proba[:, i]
+
+    report = _format(full, ci, subsets, flat, prefix, run, split)
+    _log(client, run_id, split, flat, full, ci, subsets, predictions, report, proba, y)
+    print(report)
+    return EvaluationResult(flat, report, predictions)
+
+
+def _format(full, ci, subsets, flat, prefix, run, split) -> str:
+    title = (f"{run.data.tags.get(tracking.TAG_MODEL, '?')} / recipe {run.data.tags.get(tracking.TAG_RECIPE, '?')} "
+             f"- run {run.info.run_id[:8]} - {split} split")
+    lines = [format_report(full, title=title, ci=ci), "", "How much the score leans on metadata:"]
+    lines.append(f"  {'subset':<22}{'n':>5}{'accuracy':>10}{'bal. acc':>10}{'MEL rec.':>10}")
+    rows = [("all rows", full), *((name.replace("_", " "), m) for name, m in subsets.items())]
+    for name, m in rows:
+        if m is None:
+            lines.append(f"  {name:<22}{0:>5}   (no rows)")
+            continue
+        mel = m["melanoma"]["recall"] if m.get("melanoma") else float("nan")
+        lines.append(f"  {name:<22}{m['n']:>5}{m['accuracy']:>10.3f}{m['balanced_accuracy']:>10.3f}{mel:>10.3f}")
+    for metric in ("accuracy", "balanced_accuracy"):
+        if f"val_test_gap_{metric}" in flat:
+            lines.append(f"  validation - test gap, {metric}: {flat[f'val_test_gap_{metric}']:+.3f}")
+    return "\n".join(lines)
+
+
+def _log(client, run_id, split, flat, full, ci, subsets, predictions, report, proba, y) -> None:
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, 0) for k, v in flat.items() if np.isfinite(v)]
+    targets = [run_id]
+    outer = os.environ.get("MLFLOW_RUN_ID")
+    if outer and outer != run_id:  # the evaluate run that `mlflow run -e evaluate` started
+        targets.append(outer)
+        client.set_tag(outer, tracking.TAG_TRAIN_RUN, run_id)
+        client.set_tag(outer, tracking.TAG_STEP, "evaluate")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "metrics.json").write_text(json.dumps(to_jsonable(
+            {"overall": full, "bootstrap_ci": ci, "subsets": subsets, "flat": flat}), indent=2))
+        for kind, normalized in (("counts", False), ("normalized", True)):
+            cm = full["confusion_matrix_normalized" if normalized else "confusion_matrix"]
+            (out / f"confusion_matrix_{kind}.json").write_text(json.dumps({"labels": list(schema.LABELS), "matrix": cm}))
+            save_figure(plot_confusion_matrix(full["confusion_matrix"], list(schema.LABELS), normalized=normalized,
+                                              title=f"{split} confusion matrix ({kind})"),
+                        out / f"confusion_matrix_{kind}.png")
+        save_figure(plot_roc_curves(y, proba, list(schema.LABELS)), out / "roc_curves.png")
+        save_figure(plot_reliability(full), out / "reliability.png")
+        predictions.to_csv(out / "predictions.csv", index=False)
+        (out / "report.txt").write_text(report + "\n")
+        for target in targets:
+            for start in range(0, len(metrics), 500):
+                client.log_batch(target, metrics=metrics[start:start + 500])
+            client.log_artifacts(target, str(out), f"evaluation/{split}")

@@ -1,0 +1,78 @@
+"""Compare evaluated training runs from MLflow: the research question's table and figure."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from skinml import tracking
+from skinml.evaluation.compare import comparison_table, per_run_table, plot_comparison, to_markdown
+from skinml.evaluation.plots import save_figure
+
+
+def run_row(run: mlflow.entities.Run) -> dict:
+    """One evaluated training run as a comparison row (identifiers + test metrics)."""
+    params, tags = run.data.params, run.data.tags
+    return {
+        "run_id": run.info.run_id,
+        "model": tags.get(tracking.TAG_MODEL, params.get("model", "?")),
+        "recipe": tags.get(tracking.TAG_RECIPE, "?"),
+        "imbalance": params.get("recipe.imbalance", "?"),
+        "backbone": params.get("backbone", ""),
+        "seed": params.get("seed"),
+        "split_sha256": tags.get(tracking.TAG_SPLIT_HASH, "")[:12],
+        **{k: v for k, v in run.data.metrics.items() if k.startswith(("test_", "best_val", "val_test_gap"))},
+    }
+
+
+def find_runs(run_ids: list[str] | None = None, experiments: list[str] | None = None,
+              filter_string: str = "") -> list[mlflow.entities.Run]:
+    """Named runs, or every finished, evaluated training run (optionally of some experiments)."""
+    tracking.setup_tracking()
+    client = mlflow.MlflowClient()
+    if run_ids:
+        return [client.get_run(r) for r in run_ids]
+    if experiments:
+        ids = []
+        for name in experiments:
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise ValueError(f"no experiment named {name!r}")
+            ids.append(experiment.experiment_id)
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    query = f"tags.`{tracking.TAG_STEP}` = 'train' and attributes.status = 'FINISHED'"
+    if filter_string:
+        query += f" and {filter_string}"
+    runs = client.search_runs(ids, query, max_results=5000)
+    return [r for r in runs if "test_balanced_accuracy" in r.data.metrics]
+
+
+def compare_runs(run_ids: list[str] | None = None, experiments: list[str] | None = None, filter_string: str = "",
+                 out: str | None = None, log: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Write ``comparison.md``/``.csv``, ``runs.csv`` and ``comparison.png``; returns both tables."""
+    runs = find_runs(run_ids, experiments, filter_string)
+    if not runs:
+        raise ValueError("no evaluated training runs matched: train and evaluate some first")
+    rows = [run_row(r) for r in runs]
+    hashes = {r["split_sha256"] for r in rows}
+    if len(hashes) > 1:
+        print(f"Warning: these runs used {len(hashes)} different splits; their test numbers are not comparable.")
+    table, per_run = comparison_table(rows), per_run_table(rows)
+    out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="skinml-compare-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / "comparison.csv", index=False)
+    per_run.to_csv(out_dir / "runs.csv", index=False)
+    (out_dir / "comparison.md").write_text(to_markdown(table) + "\n")
+    save_figure(plot_comparison(table), out_dir / "comparison.png")
+    if log:
+        with tracking.start_run("compare", run_name="compare") as run:
+            mlflow.log_artifacts(str(out_dir), "comparison")
+            mlflow.set_tag("skinml.compared_runs", ",".join(r["run_id"] for r in rows)[:5000])
+            print(f"comparison logged to run {run.info.run_id}")
+    print(to_markdown(table))
+    print(f"wrote {out_dir}/comparison.md, comparison.csv, runs.csv, comparison.png")
+    return table, per_run

@@ -1,0 +1,1 @@
+"""Training: recipes, imbalance handling, data loading, the loop, checkpoints, the tracked run."""
