@@ -146,19 +146,51 @@ def _build_recipe(recipe: str, extra: tuple[str, ...], **overrides):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--num-workers", default=None, callback=_empty_to_none, type=int)
 @click.option("--run-name", default=None, callback=_empty_to_none)
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Extra MLflow tag(s) for the run.")
 @experiment_option
 @_friendly_errors
-def train(recipe, extra, data_dir, split_ref, seed, resume, device, num_workers, run_name, experiment, **overrides):
+def train(recipe, extra, data_dir, split_ref, seed, resume, device, num_workers, run_name, tags, experiment,
+          **overrides):
     """Train a model on a patient-level split, tracked in MLflow."""
     from skinml.training.run import train as run_training
 
     resolved = _build_recipe(recipe, extra, **overrides)
+    bad = [t for t in tags if "=" not in t]
+    if bad:
+        raise ValueError(f"--tag expects KEY=VALUE, got {bad}")
     result = run_training(resolved, split=split_ref, data_dir=data_dir, seed=seed, resume=resume,
-                          experiment=experiment, device=device, num_workers=num_workers, run_name=run_name)
+                          experiment=experiment, device=device, num_workers=num_workers, run_name=run_name,
+                          extra_tags=dict(t.split("=", 1) for t in tags))
     click.echo(
         f"training run {result.run_id}: selected epoch {result.best_epoch} of {result.epochs_run} "
         f"(val loss {result.best_val_loss:.4f}, val balanced accuracy {result.best_val_bacc:.3f})"
     )
+
+
+@cli.command("main")
+@_recipe_options
+@data_dir_option
+@click.option("--seed", default=42, show_default=True, type=int, help="Training seed.")
+@click.option("--split-seed", default=42, show_default=True, type=int)
+@click.option("--split-strategy", default="stratified", show_default=True, type=click.Choice(["stratified", "seed"]))
+@click.option("--reuse", type=click.BOOL, default=False, show_default=True,
+              help="true: reuse steps that already finished with the same inputs.")
+@click.option("--register", type=click.BOOL, default=True, show_default=True,
+              help="false: stop after evaluation.")
+@click.option("--model-name", default=None, callback=_empty_to_none, help="Registered model name.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--n-boot", default=1000, show_default=True, type=int)
+@experiment_option
+@_friendly_errors
+def main_pipeline(recipe, extra, data_dir, seed, split_seed, split_strategy, reuse, register, model_name, device,
+                  n_boot, experiment, **overrides):
+    """The main job: split -> train -> evaluate -> register, as one parent run."""
+    from skinml.workflow import run_main
+
+    resolved = _build_recipe(recipe, extra, **overrides)
+    run_main(resolved, data_dir=data_dir, seed=seed, split_seed=split_seed, split_strategy=split_strategy,
+             reuse=reuse, register=register, model_name=model_name, device=device, n_boot=n_boot,
+             experiment=experiment)
 
 
 @cli.command()
@@ -189,6 +221,25 @@ def compare(run_ids, experiments, filter_string, out, no_log):
     compare_runs(list(run_ids) or None, list(experiments) or None, filter_string, out, log=not no_log)
 
 
+@cli.command()
+@data_dir_option
+@click.option("--seeds", default="42,43,44", show_default=True, help="Comma-separated seeds.")
+@click.option("--parallel", default=1, show_default=True, type=int, help="Jobs at a time.")
+@click.option("--num-workers", default=1, show_default=True, type=int, help="DataLoader workers per job.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--split", "split_ref", default=None, callback=_empty_to_none, help="Split run id (default: a new one).")
+@click.option("--logs", default="outputs/study", show_default=True)
+@click.option("--set", "extra", multiple=True, metavar="KEY=VALUE", help="Recipe override for every job.")
+@_friendly_errors
+def study(data_dir, seeds, parallel, num_workers, device, split_ref, logs, extra):
+    """Run the README's study: choose the default recipe on validation, then compare models."""
+    from skinml.study import run_study
+
+    overrides = dict(item.split("=", 1) for item in extra)
+    run_study(data_dir, tuple(int(s) for s in seeds.split(",")), parallel, device, num_workers, split_ref, logs,
+              overrides=overrides)
+
+
 @cli.command("models")
 @click.option("--num-metadata-features", default=None, type=int,
               help="Metadata width (default: that of the default preprocessor).")
@@ -212,3 +263,5 @@ def main() -> None:  # pragma: no cover - console entry
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+import skinml.cli_serving  # noqa: E402, F401  (registers register/predict/score)

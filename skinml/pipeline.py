@@ -63,14 +63,13 @@ def run_split(
     test_fraction: float = 0.15,
     drop_missing_images: bool = False,
     experiment: str | None = None,
-    nested: bool = False,
 ) -> SplitRef:
     """Make a patient-level split, log manifest and summary to a new run, and return it."""
     frame = load_metadata(data_dir, drop_missing_images=drop_missing_images)
     manifest = patient_level_split(frame, val_fraction, test_fraction, seed=seed, strategy=strategy)
     digest = manifest_hash(manifest)
     summary = split_summary(manifest)
-    with tracking.start_run("split", experiment=experiment, run_name=f"split-{strategy}-{seed}", nested=nested,
+    with tracking.start_run("split", experiment=experiment, run_name=f"split-{strategy}-{seed}",
                             tags={tracking.TAG_SPLIT_HASH: digest}) as run:
         tracking.log_params(
             {

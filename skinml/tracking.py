@@ -113,7 +113,6 @@ def start_run(
     experiment: str | None = None,
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
-    nested: bool = False,
     log_system_metrics: bool = False,
 ) -> Iterator[mlflow.ActiveRun]:
     """Start (or, under ``mlflow run``, resume) a run tagged with its step and git commit.
@@ -124,17 +123,18 @@ def start_run(
     all_tags = {TAG_STEP: step, **git_tags(), **(tags or {})}
     env_run = os.environ.get("MLFLOW_RUN_ID")
     active = mlflow.active_run()
-    if env_run and not nested and (active is None or active.info.run_id == env_run):
-        run = mlflow.start_run(run_id=env_run, log_system_metrics=log_system_metrics) if active is None else active
+    if active is not None:
+        # A step inside another (the main pipeline): a child run in the parent's experiment.
+        run = mlflow.start_run(experiment_id=active.info.experiment_id, run_name=run_name, nested=True,
+                               log_system_metrics=log_system_metrics)
+    elif env_run:
+        # `mlflow run` created this step's run: use it (its experiment was chosen there).
+        run = mlflow.start_run(run_id=env_run, log_system_metrics=log_system_metrics)
         if run_name:
             all_tags["mlflow.runName"] = run_name
     else:
-        experiment_id = None if (nested and active) else get_experiment_id(experiment or DEFAULT_EXPERIMENT)
-        if nested and active:
-            experiment_id = active.info.experiment_id
-        run = mlflow.start_run(
-            experiment_id=experiment_id, run_name=run_name, nested=nested, log_system_metrics=log_system_metrics
-        )
+        run = mlflow.start_run(experiment_id=get_experiment_id(experiment or DEFAULT_EXPERIMENT), run_name=run_name,
+                               log_system_metrics=log_system_metrics)
     with run:
         mlflow.set_tags(all_tags)
         yield run
@@ -151,7 +151,9 @@ def git_tags() -> dict[str, str]:
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return {}
+        # A copy without .git (a container, a batch machine) can say which commit it is.
+        commit = os.environ.get("SKINML_GIT_COMMIT")
+        return {"mlflow.source.git.commit": commit, "skinml.git_commit": commit} if commit else {}
     return {"mlflow.source.git.commit": commit, "skinml.git_commit": commit, "skinml.git_dirty": str(bool(dirty))}
 
 

@@ -35,6 +35,7 @@ from skinml.evaluation.plots import plot_confusion_matrix, plot_reliability, plo
 from skinml.training import checkpoints
 from skinml.training.data import LesionDataset, build_split_arrays
 from skinml.training.loop import predict
+from skinml.training.run import pick_device
 
 SPLIT_PREFIX = {"test": "test_", "val": "evalval_"}
 
@@ -102,7 +103,7 @@ def evaluate_run(run_id: str, split: str = "test", data_dir: str | None = None, 
     frame = frame[frame["split"] == split].reset_index(drop=True)
     y = frame[schema.TARGET].map(schema.LABEL_TO_INDEX).to_numpy()
 
-    dev = torch.device(device)
+    dev = pick_device(device)
     images = build_split_arrays(frame, bundle.preprocessor, bundle.image_config.image_size).images if bundle.uses_images else None
     proba = score_frame(bundle, frame, dev, batch_size, images)
     masked_proba = score_frame(bundle, mask_metadata(frame), dev, batch_size, images)

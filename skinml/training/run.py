@@ -106,15 +106,12 @@ def _restore_rng(state: dict[str, Any], sampler_generator: torch.Generator, load
     loader_generator.set_state(state["loader"])
 
 
-def _resolve_split(split: str | None, data_dir: str | None, seed: int, nested: bool) -> SplitRef:
+def _resolve_split(split: str | None, data_dir: str | None) -> SplitRef:
     if split:
         return load_split(split)
     print("No split given: making one with the defaults (stratified by patient, seed 42).")
-    # Outside the training run: a split is its own run that others can reuse.
-    active = mlflow.active_run()
-    if active is not None:
-        return run_split(data_dir, nested=True)
-    return run_split(data_dir, nested=nested)
+    # Before the training run starts: a split is its own run that others can reuse.
+    return run_split(data_dir)
 
 
 def train(
@@ -128,8 +125,8 @@ def train(
     num_workers: int | None = None,
     cache_images: bool = True,
     run_name: str | None = None,
-    nested: bool = False,
     max_epochs_this_call: int | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train ``recipe`` on a split (run id or manifest path; made with defaults when None).
 
@@ -144,7 +141,7 @@ def train(
         recipe = Recipe.from_dict(resume_state["recipe"])
         split = resume_state["split_run_id"] or resume_state["split_source"]
         seed = resume_state["seed"]
-    split_ref = _resolve_split(split, data_dir, seed, nested)
+    split_ref = _resolve_split(split, data_dir)
 
     seed_everything(seed)
     frame = attach_split(load_metadata(data_dir), split_ref.manifest)
@@ -216,10 +213,12 @@ def train(
     }
     if resume:
         tags["skinml.resumed_from"] = resume
-    reopen = resume if (resume and not os.environ.get("MLFLOW_RUN_ID") and not nested) else None
+    tags.update(extra_tags or {})
+    # Continue the interrupted run itself, unless `mlflow run` or a pipeline made a run for us.
+    reopen = resume if (resume and not os.environ.get("MLFLOW_RUN_ID") and mlflow.active_run() is None) else None
     process = psutil.Process()
     peak_rss = process.memory_info().rss
-    with _training_run(reopen, run_name or f"{recipe.model}-{recipe.preset}-s{seed}", tags, experiment, nested) as run:
+    with _training_run(reopen, run_name or f"{recipe.model}-{recipe.preset}-s{seed}", tags, experiment) as run:
         run_id = run.info.run_id
         if reopen is None:
             _log_run_inputs(recipe, seed, split_ref, frame, model, preprocessor, train_arrays.labels, dev, workers)
@@ -276,13 +275,13 @@ def train(
                        last_epoch, history)
 
 
-def _training_run(reopen: str | None, run_name: str, tags: dict[str, str], experiment: str | None, nested: bool):
+def _training_run(reopen: str | None, run_name: str, tags: dict[str, str], experiment: str | None):
     if reopen:
         tracking.setup_tracking()
         run = mlflow.start_run(run_id=reopen)
         mlflow.set_tags(tags)
         return run
-    return tracking.start_run("train", experiment=experiment, run_name=run_name, tags=tags, nested=nested,
+    return tracking.start_run("train", experiment=experiment, run_name=run_name, tags=tags,
                               log_system_metrics=True)
 
 
