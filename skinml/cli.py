@@ -230,14 +230,16 @@ def compare(run_ids, experiments, filter_string, out, no_log):
 @click.option("--split", "split_ref", default=None, callback=_empty_to_none, help="Split run id (default: a new one).")
 @click.option("--logs", default="outputs/study", show_default=True)
 @click.option("--set", "extra", multiple=True, metavar="KEY=VALUE", help="Recipe override for every job.")
+@click.option("--choose-default", is_flag=True,
+              help="First train the default-recipe candidates and pick the best by validation balanced accuracy.")
 @_friendly_errors
-def study(data_dir, seeds, parallel, num_workers, device, split_ref, logs, extra):
-    """Run the README's study: choose the default recipe on validation, then compare models."""
+def study(data_dir, seeds, parallel, num_workers, device, split_ref, logs, extra, choose_default):
+    """Run the README's study: train and evaluate every compared configuration."""
     from skinml.study import run_study
 
     overrides = dict(item.split("=", 1) for item in extra)
     run_study(data_dir, tuple(int(s) for s in seeds.split(",")), parallel, device, num_workers, split_ref, logs,
-              overrides=overrides)
+              overrides=overrides, choose_default=choose_default)
 
 
 @cli.command("models")

@@ -1,6 +1,6 @@
 """The study behind the README's results: fusion vs baselines, recipes, imbalance ablation.
 
-It runs in two phases on one patient-level split:
+It has two phases on one patient-level split (phase 1 only with ``choose_default``):
 
 1. **Choosing the default recipe, on validation only.** Each candidate (the original recipe
    with one imbalance correction instead of two, at two backbone learning rates) is trained
@@ -29,6 +29,7 @@ from pathlib import Path
 import mlflow
 
 from skinml import tracking
+from skinml.training.recipe import PRESETS
 
 #: Candidates for the default recipe: changes to the original (``seed``) recipe.
 CANDIDATES: dict[str, dict[str, str]] = {
@@ -101,10 +102,38 @@ def _run_all(jobs: list[Job], parallel: int, **kwargs) -> list[Job]:
     return jobs
 
 
+def comparison_jobs(seeds: tuple[int, ...], recipe: str, overrides: dict[str, str], tag: str | None,
+                    done_imbalance: frozenset[str] = frozenset()) -> list[Job]:
+    """Phase 2 jobs, most important first (a time-limited study keeps the head of the list)."""
+    first, more = seeds[0], list(seeds[1:])
+    default_imbalance = overrides.get("imbalance") or PRESETS[recipe].get("imbalance", "both")
+    spatial = {**overrides, "backbone": "efficientnet_lite0", "model_options": json.dumps({"vit_pretrained": "none"})}
+    jobs = [Job(f"default-s{first}", "cnn_fusion", recipe, first, dict(overrides), tag)]
+    jobs += [Job(f"seed-recipe-s{first}", "cnn_fusion", "seed", first)]
+    jobs += [Job(f"{m}-default-s{first}", m, recipe, first, dict(overrides), tag) for m in ("metadata_only", "image_only")]
+    for seed in more[:1]:
+        jobs += [Job(f"default-s{seed}", "cnn_fusion", recipe, seed, dict(overrides), tag),
+                 Job(f"seed-recipe-s{seed}", "cnn_fusion", "seed", seed)]
+    for imbalance in ("sampler", "loss", "both"):
+        if imbalance != default_imbalance and imbalance not in done_imbalance:
+            jobs.append(Job(f"default-imbalance-{imbalance}-s{first}", "cnn_fusion", recipe, first,
+                            {**overrides, "imbalance": imbalance}, tag))
+    jobs.append(Job(f"spatial_fusion-default-s{first}", "spatial_fusion", recipe, first, spatial, tag))
+    for seed in more[1:]:
+        jobs += [Job(f"default-s{seed}", "cnn_fusion", recipe, seed, dict(overrides), tag),
+                 Job(f"seed-recipe-s{seed}", "cnn_fusion", "seed", seed)]
+    return jobs
+
+
 def run_study(data_dir: str | None = None, seeds: tuple[int, ...] = (42, 43, 44), parallel: int = 1,
               device: str = "auto", workers: int = 1, split: str | None = None, logs: str = "outputs/study",
-              study: str | None = None, overrides: dict[str, str] | None = None) -> dict:
-    """Run both phases; returns a summary (also written to ``<logs>/study.json``)."""
+              study: str | None = None, overrides: dict[str, str] | None = None,
+              choose_default: bool = False) -> dict:
+    """Run the comparison (phase 2), after choosing the default recipe (phase 1) if asked.
+
+    Without ``choose_default`` the ``default`` preset in :mod:`skinml.training.recipe` is used
+    as it stands (it was chosen by phase 1 once; see the README).
+    """
     from skinml.pipeline import run_split
 
     study = study or time.strftime("study-%Y%m%d-%H%M%S")
@@ -113,60 +142,38 @@ def run_study(data_dir: str | None = None, seeds: tuple[int, ...] = (42, 43, 44)
     tracking.setup_tracking()  # create the store once, before parallel jobs write to it
     split = split or run_split(data_dir).run_id
     common = dict(split=split, data_dir=data_dir, device=device, workers=workers, study=study, logs=logs_dir)
-    first, more = seeds[0], seeds[1:]
+    overrides = dict(overrides or {})
+    first = seeds[0]
+    candidates: list[Job] = []
+    summary: dict = {"study": study, "split_run_id": split}
 
-    candidates = [Job(f"candidate-{name}-s{first}", "cnn_fusion", "seed", first, dict(values), f"candidate:{name}")
-                  for name, values in CANDIDATES.items()]
-    for job in candidates:  # global overrides (e.g. a quick smoke test) go under each job's own
-        job.overrides = {**(overrides or {}), **job.overrides}
-    _run_all(candidates, parallel, **common)
-    client = mlflow.MlflowClient()
-    scored = [(client.get_run(j.run_id).data.metrics.get("best_val_bacc", float("-inf")), j)
-              for j in candidates if j.run_id]
-    if not scored:
-        raise RuntimeError(f"every candidate failed; see {logs_dir}")
-    best_bacc, winner = max(scored, key=lambda item: item[0])
-    chosen = {k: winner.overrides[k] for k in ("imbalance", "lr_backbone")}
-    print(f"[study] default recipe chosen on validation: {winner.name} (best_val_bacc {best_bacc:.3f}) -> {chosen}")
-
-    # The winner, and candidates that differ from it only in imbalance handling, are the
-    # default recipe (and its ablation): tag them so.
-    for _bacc, job in scored:
-        same_lr = job.overrides["lr_backbone"] == chosen["lr_backbone"]
-        if same_lr:
+    if choose_default:
+        candidates = [Job(f"candidate-{name}-s{first}", "cnn_fusion", "seed", first, {**overrides, **values},
+                          f"candidate:{name}") for name, values in CANDIDATES.items()]
+        _run_all(candidates, parallel, **common)
+        client = mlflow.MlflowClient()
+        scored = [(client.get_run(j.run_id).data.metrics.get("best_val_bacc", float("-inf")), j)
+                  for j in candidates if j.run_id]
+        if not scored:
+            raise RuntimeError(f"every candidate failed; see {logs_dir}")
+        best_bacc, winner = max(scored, key=lambda item: item[0])
+        chosen = {k: winner.overrides[k] for k in ("imbalance", "lr_backbone")}
+        print(f"[study] default recipe chosen on validation: {winner.name} (best_val_bacc {best_bacc:.3f}) -> {chosen}")
+        summary["selected_by"] = {"candidate": winner.name, "best_val_bacc": best_bacc, "default_recipe": chosen}
+        # The winner, and candidates that differ from it only in imbalance handling, are the
+        # default recipe and its ablation: tag them so.
+        same_lr = [j for _b, j in scored if j.overrides["lr_backbone"] == chosen["lr_backbone"]]
+        for job in same_lr:
             client.set_tag(job.run_id, tracking.TAG_RECIPE, "default")
-    default = {**(overrides or {}), **chosen}
-    spatial = {**default, "backbone": "efficientnet_lite0", "model_options": json.dumps({"vit_pretrained": "none"})}
-    jobs = [Job(f"default-s{s}", "cnn_fusion", "seed", s, default, "default") for s in more]
-    jobs += [Job(f"seed-recipe-s{s}", "cnn_fusion", "seed", s) for s in seeds]
-    jobs += [Job(f"{m}-default-s{first}", m, "seed", first, default, "default") for m in ("image_only", "metadata_only")]
-    jobs.append(Job(f"spatial_fusion-default-s{first}", "spatial_fusion", "seed", first, spatial, "default"))
-    tried = {j.overrides["imbalance"] for _b, j in scored if j.overrides["lr_backbone"] == chosen["lr_backbone"]}
-    for imbalance in ("sampler", "loss", "both"):
-        if imbalance not in tried:
-            jobs.append(Job(f"default-imbalance-{imbalance}-s{first}", "cnn_fusion", "seed", first,
-                            {**default, "imbalance": imbalance}, "default"))
-    for job in jobs:
-        job.overrides = {**(overrides or {}), **job.overrides}
+        jobs = comparison_jobs(seeds, "seed", {**overrides, **chosen}, "default",
+                               frozenset(j.overrides["imbalance"] for j in same_lr))
+        jobs = [j for j in jobs if j.name != f"default-s{first}"]  # the winner is that run
+    else:
+        jobs = comparison_jobs(seeds, "default", overrides, None)
     _run_all(jobs, parallel, **common)
 
-    summary = {
-        "study": study,
-        "split_run_id": split,
-        "default_recipe": chosen,
-        "selected_by": {"candidate": winner.name, "best_val_bacc": best_bacc},
-        "jobs": [{"name": j.name, "run_id": j.run_id, "error": j.error} for j in candidates + jobs],
-    }
+    summary["jobs"] = [{"name": j.name, "run_id": j.run_id, "error": j.error} for j in candidates + jobs]
     (logs_dir / "study.json").write_text(json.dumps(summary, indent=2))
     failed = [j.name for j in candidates + jobs if j.error]
     print(f"[study] done: {len(candidates) + len(jobs) - len(failed)} runs, failed: {failed or 'none'}")
     return summary
-
-
-def main_from_env() -> None:  # pragma: no cover - used by the GPU batch script
-    run_study(
-        data_dir=os.environ.get("SKINML_DATA_DIR"),
-        parallel=int(os.environ.get("STUDY_PARALLEL", "1")),
-        workers=int(os.environ.get("STUDY_WORKERS", "1")),
-        device=os.environ.get("STUDY_DEVICE", "auto"),
-    )
