@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
 
 import click
 
@@ -259,11 +258,7 @@ def list_models(num_metadata_features):
         click.echo(f"{row['name']:<16}{row['family']:<10}{row['parameters']:>14,}  {row['backbone']}")
 
 
-def main() -> None:  # pragma: no cover - console entry
+import skinml.cli_serving  # noqa: E402, F401  (registers register/predict/score on the group above)
+
+if __name__ == "__main__":  # pragma: no cover - prefer `python -m skinml`, which sees every command
     cli(prog_name="skinml")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-import skinml.cli_serving  # noqa: E402, F401  (registers register/predict/score)

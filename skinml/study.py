@@ -69,7 +69,7 @@ def _run_cli(args: list[str], log_file: Path) -> str:
     with open(log_file, "a") as log:
         log.write(f"$ skinml {' '.join(args)}\n")
         log.flush()
-        proc = subprocess.run([sys.executable, "-m", "skinml.cli", *args], stdout=subprocess.PIPE,
+        proc = subprocess.run([sys.executable, "-m", "skinml", *args], stdout=subprocess.PIPE,
                               stderr=log, text=True)
         log.write(proc.stdout)
     if proc.returncode != 0:

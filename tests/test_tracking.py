@@ -47,7 +47,7 @@ def test_failed_split_leaves_earlier_runs(mlflow_store, synthetic_dir, tmp_path)
 
 
 def test_cli_split_reports_bad_folder_without_traceback(mlflow_store, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "skinml.cli", "split", "--data-dir", str(tmp_path / "nope")],
+    result = subprocess.run([sys.executable, "-m", "skinml", "split", "--data-dir", str(tmp_path / "nope")],
                             capture_output=True, text=True)
     assert result.returncode != 0
     assert "nope" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,165 @@
+"""``skinml register``, ``skinml predict`` and ``skinml score``, attached to the ``skinml`` group.
+
+Imported at the end of :mod:`skinml.cli`; heavy imports (torch, MLflow) happen inside the
+commands so ``skinml --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import click
+
+from skinml.cli import _empty_to_none, _friendly_errors, cli
+from skinml.data import schema
+from skinml.data.images import DEFAULT_MAX_PIXELS
+
+DEFAULT_MODEL_NAME = "skin-lesion-classifier"
+
+
+def _serving_errors(func):
+    """Bad requests, refused registrations and server errors as one line, no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from mlflow.exceptions import MlflowException
+
+        from skinml.serving.client import ServingError
+
+        try:
+            return func(*args, **kwargs)
+        except (ServingError, MlflowException) as exc:
+            raise click.ClickException(str(exc.message if isinstance(exc, MlflowException) else exc)) from exc
+
+    return _friendly_errors(wrapper)
+
+
+name_option = click.option("--name", default=DEFAULT_MODEL_NAME, show_default=True,
+                           callback=lambda _ctx, _param, value: value or DEFAULT_MODEL_NAME,
+                           help="Registered model name.")
+
+
+@cli.command()
+@name_option
+@click.option("--metric", default="best_val_bacc", show_default=True, callback=lambda c, p, v: v or "best_val_bacc",
+              help="Stepless validation summary that ranks training runs (best_val_loss is minimised). Test "
+                   "metrics are refused.")
+@click.option("--family", default="fusion", show_default=True, callback=lambda c, p, v: v or "fusion",
+              type=click.Choice(["fusion", "baseline", "any"]), help="Model family to choose from.")
+@click.option("--model", default=None, callback=_empty_to_none, help="Only runs of this model (e.g. cnn_fusion).")
+@click.option("--run-id", default=None, callback=_empty_to_none, help="Register this training run instead of choosing.")
+@click.option("--experiment", "experiments", multiple=True,
+              help="Search only these experiments (names; repeatable). Default: every experiment.")
+@click.option("--force", type=click.BOOL, is_flag=False, flag_value=True, default=False,
+              help="Move the champion alias even if the new version is not better (also `--force true`); "
+                   "registers a run again even when it already has a version.")
+@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=int,
+              help="The served model refuses photos with more pixels (decompression bombs).")
+@_serving_errors
+def register(name, metric, family, model, run_id, experiments, force, max_pixels):
+    """Register the best fusion training run (by validation) and move `champion` if it is better."""
+    from mlflow.tracking import MlflowClient
+
+    from skinml import registry, tracking
+
+    experiment_ids = None
+    experiments = [e for e in experiments if e]
+    if experiments:
+        tracking.setup_tracking()
+        client = MlflowClient()
+        experiment_ids = []
+        for experiment in experiments:
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                raise click.BadParameter(f"no experiment named {experiment!r}", param_hint="--experiment")
+            experiment_ids.append(found.experiment_id)
+    result = registry.register_best(name=name, metric=metric, family=None if family == "any" else family, model=model,
+                                    run_id=run_id, experiment_ids=experiment_ids, force=force, pixel_limit=max_pixels)
+    verb = "registered" if result["registered"] else "kept"
+    click.echo(f"{verb} {result['name']} version {result['version']} from training run {result['run_id']} "
+               f"({result['metric']}={result['value']:.4f})")
+    click.echo(f"champion: v{result['champion_version']} ({result['reason']})")
+
+
+def _clinical_options(func):
+    """One option per clinical field of metadata.csv (--age, --region, --diameter-1 ...)."""
+    for column in reversed(schema.FEATURES):
+        values = schema.VOCABULARIES.get(column)
+        hint = "number" if column in schema.NUMERIC_FEATURES else ", ".join(values or ())
+        func = click.option(f"--{column.replace('_', '-')}", column, default=None, callback=_empty_to_none,
+                            help=f"{column} as in metadata.csv ({hint}).")(func)
+    return func
+
+
+def _print_prediction(row, labels) -> None:
+    click.echo(f"{row['label']} ({row['label_name']}): {row['probability']:.3f}")
+    click.echo("  " + "  ".join(f"{label} {row[label]:.3f}" for label in labels))
+    for message in row.get("warnings") or []:
+        click.echo(f"  warning: {message}", err=True)
+
+
+@cli.command()
+@click.option("--image", "image_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Clinical photo (PNG or JPEG).")
+@_clinical_options
+@click.option("--url", default=None, callback=_empty_to_none,
+              help="A running `mlflow models serve`, e.g. http://127.0.0.1:5000. Default: score in-process.")
+@click.option("--model-uri", default=None, callback=_empty_to_none,
+              help="In-process model (default models:/<name>@champion).")
+@name_option
+@click.option("--top-k", default=None, type=int, help="How many labels to list (1-6; default 3).")
+@click.option("--json", "as_json", is_flag=True, help="Print the model's answer as JSON.")
+@_serving_errors
+def predict(image_path, url, model_uri, name, top_k, as_json, **clinical):
+    """Score one photo and its clinical fields (unset fields are imputed as in training)."""
+    from skinml.serving import client
+
+    request = client.build_request([image_path], [{k: v for k, v in clinical.items() if v is not None}])
+    if url:
+        answer = client.predict_remote(url, request, top_k)
+    else:
+        model = client.load_model(model_uri or client.model_uri_for(name))
+        answer = client.predict_local(model, request, top_k)
+    row = answer.iloc[0].to_dict()
+    if as_json:
+        click.echo(json.dumps({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}, indent=2))
+    else:
+        _print_prediction(row, [label for label in schema.LABELS if label in row])
+
+
+@cli.command()
+@click.option("--data-dir", default=None, callback=_empty_to_none,
+              help="Folder with metadata.csv and the photos (else $SKINML_DATA_DIR).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV to write.")
+@click.option("--url", default=None, callback=_empty_to_none, help="Score on a running server instead of in-process.")
+@click.option("--model-uri", default=None, callback=_empty_to_none,
+              help="In-process model (default models:/<name>@champion).")
+@name_option
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 256))
+@click.option("--top-k", default=None, type=int, help="How many labels to list per row (1-6; default 3).")
+@click.option("--drop-missing-images", is_flag=True, help="Skip rows whose photo is missing.")
+@_serving_errors
+def score(data_dir, out, url, model_uri, name, batch_size, top_k, drop_missing_images):
+    """Score every photo of a folder with the registered model; writes one CSV row per photo."""
+    from pathlib import Path
+
+    from skinml.serving import client
+
+    model = None if url else client.load_model(model_uri or client.model_uri_for(name))
+    table = client.score_folder(data_dir, model=model, url=url, batch_size=batch_size, top_k=top_k,
+                                drop_missing_images=drop_missing_images)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    seconds = table.attrs.get("seconds", float("nan"))
+    click.echo(f"scored {len(table)} photos in {seconds:.1f}s -> {out}")
+    if "true_label" in table.columns and len(table):
+        correct = table["true_label"] == table["label"]
+        recalls = [correct[table["true_label"] == label].mean() for label in schema.LABELS
+                   if (table["true_label"] == label).any()]
+        click.echo(f"accuracy {correct.mean():.3f}, balanced accuracy {sum(recalls) / len(recalls):.3f} "
+                   "(against metadata.csv's diagnostic)")
+    warned = int((table.get("warnings", "") != "").sum()) if "warnings" in table.columns else 0
+    if warned:
+        click.echo(f"{warned} row(s) had clinical values the model never saw (scored as unknown); see the "
+                   "'warnings' column", err=True)
