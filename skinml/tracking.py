@@ -161,6 +161,12 @@ def log_json(data: Any, artifact_file: str) -> None:
     mlflow.log_text(json.dumps(data, indent=2, sort_keys=True, default=str), artifact_file)
 
 
+def param_text(value: Any) -> str:
+    """How a parameter value is stored (so searches can compare against it)."""
+    text = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
+    return text[:6000]
+
+
 def log_params(params: dict[str, Any]) -> None:
     """Log parameters as strings (MLflow's limit is 6000 characters each).
 
@@ -170,8 +176,7 @@ def log_params(params: dict[str, Any]) -> None:
     existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
     out = {}
     for key, value in params.items():
-        text = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
-        text = text[:6000]
+        text = param_text(value)
         if key in existing and existing[key] != text:
             key = f"resolved.{key}"
         if existing.get(key) != text:

@@ -40,7 +40,7 @@ def _reusable_training(recipe: Recipe, seed: int, split_hash: str) -> str | None
     experiments = [e.experiment_id for e in client.search_experiments()]
     query = (f"tags.`{tracking.TAG_STEP}` = 'train' and attributes.status = 'FINISHED' "
              f"and tags.`{tracking.TAG_SPLIT_HASH}` = '{split_hash}' and params.seed = '{seed}'")
-    wanted = {f"recipe.{k}": str(v) for k, v in recipe.flat().items()}
+    wanted = {f"recipe.{k}": tracking.param_text(v) for k, v in recipe.flat().items()}
     for run in client.search_runs(experiments, query, order_by=["attributes.start_time DESC"]):
         params = run.data.params
         if all(params.get(k) == v for k, v in wanted.items() if k != "recipe.preset"):
