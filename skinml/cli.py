@@ -99,7 +99,7 @@ def _recipe_options(func):
         click.option("--backbone", default=None, callback=_empty_to_none, help="timm backbone name."),
         click.option("--pretrained", default=None, callback=_empty_to_none,
                      help="auto, none, package, timm or a weights file."),
-        click.option("--imbalance", default=None, callback=_empty_to_none, type=click.Choice(IMBALANCE_CHOICES)),
+        click.option("--imbalance", default=None, callback=_empty_to_none, help=f"One of {', '.join(IMBALANCE_CHOICES)}."),
         click.option("--epochs", default=None, callback=_empty_to_none),
         click.option("--batch-size", default=None, callback=_empty_to_none),
         click.option("--lr-backbone", default=None, callback=_empty_to_none),

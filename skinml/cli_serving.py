@@ -163,3 +163,21 @@ def score(data_dir, out, url, model_uri, name, batch_size, top_k, drop_missing_i
     if warned:
         click.echo(f"{warned} row(s) had clinical values the model never saw (scored as unknown); see the "
                    "'warnings' column", err=True)
+
+
+@cli.command("benchmark-serving")
+@click.option("--url", default="http://127.0.0.1:5000", show_default=True, help="Running `mlflow models serve`.")
+@click.option("--data-dir", default=None, callback=_empty_to_none, help="PAD-UFES-20 folder with photos to send.")
+@click.option("--model-uri", default="models:/skin-lesion-classifier@champion", show_default=True,
+              help="The model the server runs (its bare forward pass is timed too).")
+@click.option("--n-single", default=50, show_default=True, type=int)
+@click.option("--n-batch", default=5, show_default=True, type=int)
+@click.option("--batch-size", default=32, show_default=True, type=int)
+def benchmark_serving(url, data_dir, model_uri, n_single, n_batch, batch_size):
+    """Latency (median, p95) and throughput of a running server vs the bare model forward."""
+    import json
+
+    from skinml.serving.benchmark import benchmark
+
+    result = benchmark(url, data_dir, model_uri, n_single, n_batch, batch_size)
+    click.echo(json.dumps(result, indent=2))

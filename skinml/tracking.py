@@ -133,11 +133,24 @@ def start_run(
         if run_name:
             all_tags["mlflow.runName"] = run_name
     else:
-        run = mlflow.start_run(experiment_id=get_experiment_id(experiment or DEFAULT_EXPERIMENT), run_name=run_name,
-                               log_system_metrics=log_system_metrics)
+        # Under `mlflow run`, extra runs (a split made on the way) join the experiment it chose.
+        experiment_id = get_experiment_id(experiment) if experiment else (
+            os.environ.get("MLFLOW_EXPERIMENT_ID") or get_experiment_id(DEFAULT_EXPERIMENT))
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, log_system_metrics=log_system_metrics)
     with run:
         mlflow.set_tags(all_tags)
         yield run
+
+
+@contextlib.contextmanager
+def outside_env_run() -> Iterator[None]:
+    """Start runs that are not the one `mlflow run` made for this step (MLflow would reuse it)."""
+    saved = os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_RUN_ID"] = saved
 
 
 def git_tags() -> dict[str, str]:
@@ -183,6 +196,12 @@ def log_params(params: dict[str, Any]) -> None:
             out[key] = text
     if out:
         mlflow.log_params(out)
+
+
+def run_param(run: mlflow.entities.Run, key: str, default: str | None = None) -> str | None:
+    """A parameter as skinml resolved it (``resolved.<key>`` wins over the raw ``mlflow run`` value)."""
+    params = run.data.params
+    return params.get(f"resolved.{key}", params.get(key, default))
 
 
 def download_artifact(run_id: str, path: str, dst: str | os.PathLike | None = None) -> Path:

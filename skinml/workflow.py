@@ -30,7 +30,7 @@ def _reusable_split(data_dir: str, seed: int, strategy: str) -> str | None:
                          f"and params.strategy = '{strategy}'")
     if run is None:
         return None
-    recorded = run.data.params.get("resolved.data_dir") or run.data.params.get("data_dir")
+    recorded = tracking.run_param(run, "data_dir")
     return run.info.run_id if recorded == data_dir else None
 
 
@@ -39,11 +39,12 @@ def _reusable_training(recipe: Recipe, seed: int, split_hash: str) -> str | None
     client = mlflow.MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
     query = (f"tags.`{tracking.TAG_STEP}` = 'train' and attributes.status = 'FINISHED' "
-             f"and tags.`{tracking.TAG_SPLIT_HASH}` = '{split_hash}' and params.seed = '{seed}'")
+             f"and tags.`{tracking.TAG_SPLIT_HASH}` = '{split_hash}'")
     wanted = {f"recipe.{k}": tracking.param_text(v) for k, v in recipe.flat().items()}
     for run in client.search_runs(experiments, query, order_by=["attributes.start_time DESC"]):
-        params = run.data.params
-        if all(params.get(k) == v for k, v in wanted.items() if k != "recipe.preset"):
+        if tracking.run_param(run, "seed") != str(seed):
+            continue
+        if all(tracking.run_param(run, k) == v for k, v in wanted.items() if k != "recipe.preset"):
             return run.info.run_id
     return None
 

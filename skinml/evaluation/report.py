@@ -95,10 +95,10 @@ def evaluate_run(run_id: str, split: str = "test", data_dir: str | None = None, 
 
     from skinml.pipeline import load_split
 
-    split_ref = load_split(run.data.params.get("split_run_id") or run.data.params["split_source"])
+    split_ref = load_split(run.data.tags.get(tracking.TAG_SPLIT_RUN) or tracking.run_param(run, "split_source"))
     if split_ref.sha256 != run.data.tags.get(tracking.TAG_SPLIT_HASH):
         raise ValueError(f"the split found for run {run_id} does not match the hash it was trained with")
-    data_dir = data_dir or run.data.params.get("resolved.data_dir") or run.data.params.get("data_dir")
+    data_dir = data_dir or tracking.run_param(run, "data_dir")
     frame = attach_split(load_metadata(data_dir), split_ref.manifest)
     frame = frame[frame["split"] == split].reset_index(drop=True)
     y = frame[schema.TARGET].map(schema.LABEL_TO_INDEX).to_numpy()
@@ -165,7 +165,8 @@ def _log(client, run_id, split, flat, full, ci, subsets, predictions, report, pr
     metrics = [Metric(k, float(v), now, 0) for k, v in flat.items() if np.isfinite(v)]
     targets = [run_id]
     outer = os.environ.get("MLFLOW_RUN_ID")
-    if outer and outer != run_id:  # the evaluate run that `mlflow run -e evaluate` started
+    if outer and outer != run_id and client.get_run(outer).data.tags.get(tracking.TAG_STEP) in (None, "evaluate"):
+        # the evaluate run that `mlflow run -e evaluate` started
         targets.append(outer)
         client.set_tag(outer, tracking.TAG_TRAIN_RUN, run_id)
         client.set_tag(outer, tracking.TAG_STEP, "evaluate")

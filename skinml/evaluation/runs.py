@@ -18,11 +18,11 @@ def run_row(run: mlflow.entities.Run) -> dict:
     params, tags = run.data.params, run.data.tags
     return {
         "run_id": run.info.run_id,
-        "model": tags.get(tracking.TAG_MODEL, params.get("model", "?")),
+        "model": tags.get(tracking.TAG_MODEL, tracking.run_param(run, "model", "?")),
         "recipe": tags.get(tracking.TAG_RECIPE, "?"),
         "imbalance": params.get("recipe.imbalance", "?"),
-        "backbone": params.get("backbone", ""),
-        "seed": params.get("seed"),
+        "backbone": tracking.run_param(run, "backbone", ""),
+        "seed": tracking.run_param(run, "seed"),
         "split_sha256": tags.get(tracking.TAG_SPLIT_HASH, "")[:12],
         **{k: v for k, v in run.data.metrics.items() if k.startswith(("test_", "best_val", "val_test_gap"))},
     }

@@ -110,8 +110,9 @@ def _resolve_split(split: str | None, data_dir: str | None) -> SplitRef:
     if split:
         return load_split(split)
     print("No split given: making one with the defaults (stratified by patient, seed 42).")
-    # Before the training run starts: a split is its own run that others can reuse.
-    return run_split(data_dir)
+    # Its own run that others can reuse, not the run `mlflow run` made for training.
+    with tracking.outside_env_run():
+        return run_split(data_dir)
 
 
 def train(
