@@ -68,19 +68,21 @@ def test_sampler_draws_classes_about_uniformly():
 
 
 def test_learns_easy_synthetic_data_and_tracks_everything(mlflow_store, synthetic_dir):
-    recipe = tiny(epochs=12, lr_backbone=1e-2, lr_head=1e-2, imbalance="none", label_smoothing=0.0,
-                  augment_rotation=0, augment_erasing_p=0, augment_blur_p=0)
+    # Colour is the synthetic classes' main cue: no colour jitter here, so learning is easy.
+    recipe = tiny(epochs=10, image_size=48, augment_resize=52, lr_backbone=3e-3, lr_head=3e-3, imbalance="none",
+                  label_smoothing=0.0, augment_rotation=0, augment_erasing_p=0, augment_blur_p=0,
+                  augment_brightness=0, augment_contrast=0, augment_saturation=0, augment_hue=0)
     result = train(recipe, data_dir=str(synthetic_dir), seed=1, num_workers=0)
     client = mlflow.MlflowClient()
     run = client.get_run(result.run_id)
     metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
     assert run.info.status == "FINISHED"
     # Learning happens: the easy synthetic classes are separated on held-out patients.
-    assert metrics["best_val_accuracy"] >= 0.8, metrics
+    assert metrics["best_val_accuracy"] >= 0.85, metrics  # majority class: 0.21
 
     # Selection: the best epoch is the one with the lowest validation loss.
     val_losses = [m.value for m in client.get_metric_history(result.run_id, "val_loss")]
-    assert len(val_losses) == 12
+    assert len(val_losses) == 10
     assert metrics["best_epoch"] == int(np.argmin(val_losses)) + 1
     assert metrics["best_val_loss"] == pytest.approx(min(val_losses))
     best = checkpoints.load(tracking.download_artifact(result.run_id, checkpoints.BEST))
@@ -95,7 +97,7 @@ def test_learns_easy_synthetic_data_and_tracks_everything(mlflow_store, syntheti
     assert tags.get("mlflow.source.git.commit") or tags.get("skinml.git_commit") is None
     for name in ("train_loss", "val_accuracy", "val_balanced_accuracy", "lr_backbone", "lr_head",
                  "epoch_seconds", "images_per_second", f"val_recall_{schema.LABELS[0]}"):
-        assert len(client.get_metric_history(result.run_id, name)) == 12, name
+        assert len(client.get_metric_history(result.run_id, name)) == 10, name
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     artifacts |= {a.path for d in ("checkpoints", "validation") for a in client.list_artifacts(result.run_id, d)}
     for path in ("checkpoints/best.pt", "checkpoints/last.pt", "validation/confusion_matrix.png",
