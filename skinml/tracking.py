@@ -125,11 +125,14 @@ def start_run(
     active = mlflow.active_run()
     if active is not None:
         # A step inside another (the main pipeline): a child run in the parent's experiment.
-        run = mlflow.start_run(experiment_id=active.info.experiment_id, run_name=run_name, nested=True,
-                               log_system_metrics=log_system_metrics)
+        # (MLflow would otherwise pick $MLFLOW_RUN_ID up again, even for a nested run.)
+        with outside_env_run():
+            run = mlflow.start_run(experiment_id=active.info.experiment_id, run_name=run_name, nested=True,
+                                   log_system_metrics=log_system_metrics)
     elif env_run:
-        # `mlflow run` created this step's run: use it (its experiment was chosen there).
+        # `mlflow run` created this step's run: use it (its experiment was chosen there), once.
         run = mlflow.start_run(run_id=env_run, log_system_metrics=log_system_metrics)
+        os.environ.pop("MLFLOW_RUN_ID", None)
         if run_name:
             all_tags["mlflow.runName"] = run_name
     else:

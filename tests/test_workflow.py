@@ -57,3 +57,16 @@ def test_study_plan_puts_the_research_question_first():
     assert sum(n.startswith("default-s") for n in names) == 3 and sum(n.startswith("seed-recipe") for n in names) == 3
     spatial = next(j for j in jobs if j.model == "spatial_fusion")
     assert spatial.overrides["backbone"] == "efficientnet_lite0" and "vit_pretrained" in spatial.overrides["model_options"]
+
+
+def test_main_under_mlflow_run_uses_its_run_as_the_parent(mlflow_store, synthetic_dir, monkeypatch):
+    """`mlflow run` creates the run and passes MLFLOW_RUN_ID; the steps must become its children."""
+    client = mlflow.MlflowClient()
+    outer = client.create_run(tracking.get_experiment_id("skinml")).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", outer)
+    result = run_main(tiny(model="metadata_only", epochs=1), data_dir=str(synthetic_dir), n_boot=20, register=False)
+    assert result["main_run_id"] == outer
+    assert len({result["main_run_id"], result["split_run_id"], result["train_run_id"]}) == 3
+    for key in ("split_run_id", "train_run_id"):
+        assert client.get_run(result[key]).data.tags["mlflow.parentRunId"] == outer
+    assert client.get_run(outer).data.tags[tracking.TAG_STEP] == "main"
