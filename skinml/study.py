@@ -17,7 +17,6 @@ the results can be reproduced by the command it logs. Jobs run ``parallel`` at a
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,40 @@ def shared_subset() -> Path:
             "set SKINML_TEST_SUBSET to its folder"
         )
     return SHARED_SUBSET
+
+
+@dataclass
+class TinyTraining:
+    home: str
+    run_id: str
+    checkpoint: str
+
+
+@pytest.fixture(scope="session")
+def tiny_training(tmp_path_factory, synthetic_dir) -> TinyTraining:
+    """cnn_fusion with the test backbone, 1 epoch on synthetic data, in a store of its own,
+    trained once per session for the registry and serving tests."""
+    import mlflow
+
+    from skinml import tracking
+    from skinml.training import checkpoints
+    from skinml.training.recipe import resolve_recipe
+    from skinml.training.run import train
+
+    cache = tmp_path_factory.mktemp("tiny-training")
+
+    home = cache / "home"
+    home.mkdir(parents=True)
+    previous_uri = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SKINML_HOME", str(home))
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+        mp.setenv("SKINML_CACHE_DIR", str(cache / "images"))
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        tracking.setup_tracking()
+        recipe = resolve_recipe("default", model="cnn_fusion", backbone="test_efficientnet", pretrained="none",
+                                epochs=1, image_size=32, augment_resize=36, batch_size=16)
+        result = train(recipe, data_dir=str(synthetic_dir), seed=0, num_workers=0)
+        checkpoint = tracking.download_artifact(result.run_id, checkpoints.BEST, cache / "checkpoint")
+    mlflow.set_tracking_uri(previous_uri)
+    return TinyTraining(str(home), result.run_id, str(checkpoint))

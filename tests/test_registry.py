@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import runpy
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -16,50 +15,10 @@ from mlflow.tracking import MlflowClient
 
 from skinml import registry, tracking
 from skinml.registry import RegistryError
-from skinml.training import checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 
-# -- a tiny model trained once per session (same helper in test_serving.py) ----------------
-
-
-@dataclass
-class TinyTraining:
-    home: str
-    run_id: str
-    checkpoint: str
-
-
-@pytest.fixture(scope="session")
-def tiny_training(tmp_path_factory, synthetic_dir) -> TinyTraining:
-    """cnn_fusion with the test backbone, 1 epoch on synthetic data, in a store of its own.
-
-    Cached on disk under the session's temp folder, so both test modules share one training.
-    """
-    cache = tmp_path_factory.getbasetemp() / "tiny-training"
-    info = cache / "training.json"
-    if info.is_file():
-        return TinyTraining(**json.loads(info.read_text()))
-    from skinml.training.recipe import resolve_recipe
-    from skinml.training.run import train
-
-    home = cache / "home"
-    home.mkdir(parents=True)
-    previous_uri = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SKINML_HOME", str(home))
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-        mp.setenv("SKINML_CACHE_DIR", str(cache / "images"))
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        tracking.setup_tracking()
-        recipe = resolve_recipe("default", model="cnn_fusion", backbone="test_efficientnet", pretrained="none",
-                                epochs=1, image_size=32, augment_resize=36, batch_size=16)
-        result = train(recipe, data_dir=str(synthetic_dir), seed=0, num_workers=0)
-        checkpoint = tracking.download_artifact(result.run_id, checkpoints.BEST, cache / "checkpoint")
-    mlflow.set_tracking_uri(previous_uri)
-    training = TinyTraining(str(home), result.run_id, str(checkpoint))
-    info.write_text(json.dumps(asdict(training)))
-    return training
+# The tiny trained model comes from conftest.py's session fixture `tiny_training`.
 
 
 def log_training_run(checkpoint: str | None, bacc: float, family: str = "fusion", model: str = "cnn_fusion",

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -45,46 +44,7 @@ TOLERANCE = 1e-5
 PIXEL_LIMIT = 1_000_000  # small enough that a 1200x1000 photo is refused
 
 
-# -- a tiny model trained once per session (same helper in test_registry.py) ---------------
-
-
-@dataclass
-class TinyTraining:
-    home: str
-    run_id: str
-    checkpoint: str
-
-
-@pytest.fixture(scope="session")
-def tiny_training(tmp_path_factory, synthetic_dir) -> TinyTraining:
-    """cnn_fusion with the test backbone, 1 epoch on synthetic data, in a store of its own.
-
-    Cached on disk under the session's temp folder, so both test modules share one training.
-    """
-    cache = tmp_path_factory.getbasetemp() / "tiny-training"
-    info = cache / "training.json"
-    if info.is_file():
-        return TinyTraining(**json.loads(info.read_text()))
-    from skinml.training.recipe import resolve_recipe
-    from skinml.training.run import train
-
-    home = cache / "home"
-    home.mkdir(parents=True)
-    previous_uri = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SKINML_HOME", str(home))
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-        mp.setenv("SKINML_CACHE_DIR", str(cache / "images"))
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        tracking.setup_tracking()
-        recipe = resolve_recipe("default", model="cnn_fusion", backbone="test_efficientnet", pretrained="none",
-                                epochs=1, image_size=32, augment_resize=36, batch_size=16)
-        result = train(recipe, data_dir=str(synthetic_dir), seed=0, num_workers=0)
-        checkpoint = tracking.download_artifact(result.run_id, checkpoints.BEST, cache / "checkpoint")
-    mlflow.set_tracking_uri(previous_uri)
-    training = TinyTraining(str(home), result.run_id, str(checkpoint))
-    info.write_text(json.dumps(asdict(training)))
-    return training
+# The tiny trained model comes from conftest.py's session fixture `tiny_training`.
 
 
 def log_training_run(checkpoint: str, bacc: float, family: str = "fusion", model: str = "cnn_fusion") -> str:
