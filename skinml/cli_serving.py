@@ -48,6 +48,8 @@ name_option = click.option("--name", default=DEFAULT_MODEL_NAME, show_default=Tr
 @click.option("--family", default="fusion", show_default=True, callback=lambda c, p, v: v or "fusion",
               type=click.Choice(["fusion", "baseline", "any"]), help="Model family to choose from.")
 @click.option("--model", default=None, callback=_empty_to_none, help="Only runs of this model (e.g. cnn_fusion).")
+@click.option("--recipe", default=None, callback=_empty_to_none,
+              help="Only runs of this recipe (tag skinml.recipe), e.g. the validation-chosen `default`.")
 @click.option("--run-id", default=None, callback=_empty_to_none, help="Register this training run instead of choosing.")
 @click.option("--experiment", "experiments", multiple=True,
               help="Search only these experiments (names; repeatable). Default: every experiment.")
@@ -57,7 +59,7 @@ name_option = click.option("--name", default=DEFAULT_MODEL_NAME, show_default=Tr
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=int,
               help="The served model refuses photos with more pixels (decompression bombs).")
 @_serving_errors
-def register(name, metric, family, model, run_id, experiments, force, max_pixels):
+def register(name, metric, family, model, recipe, run_id, experiments, force, max_pixels):
     """Register the best fusion training run (by validation) and move `champion` if it is better."""
     from mlflow.tracking import MlflowClient
 
@@ -75,7 +77,8 @@ def register(name, metric, family, model, run_id, experiments, force, max_pixels
                 raise click.BadParameter(f"no experiment named {experiment!r}", param_hint="--experiment")
             experiment_ids.append(found.experiment_id)
     result = registry.register_best(name=name, metric=metric, family=None if family == "any" else family, model=model,
-                                    run_id=run_id, experiment_ids=experiment_ids, force=force, pixel_limit=max_pixels)
+                                    run_id=run_id, experiment_ids=experiment_ids, force=force, pixel_limit=max_pixels,
+                                    recipe=recipe)
     verb = "registered" if result["registered"] else "kept"
     click.echo(f"{verb} {result['name']} version {result['version']} from training run {result['run_id']} "
                f"({result['metric']}={result['value']:.4f})")

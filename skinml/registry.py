@@ -75,13 +75,16 @@ def check_selection_metric(metric: str) -> str:
     return metric
 
 
-def training_run_filter(family: str | None = DEFAULT_FAMILY, model: str | None = None) -> str:
-    """Search filter for finished training runs, optionally of one family and model."""
+def training_run_filter(family: str | None = DEFAULT_FAMILY, model: str | None = None,
+                        recipe: str | None = None) -> str:
+    """Search filter for finished training runs, optionally of one family, model and recipe."""
     clauses = [f"tags.\"{tracking.TAG_STEP}\" = 'train'", "attributes.status = 'FINISHED'"]
     if family:
         clauses.append(f"tags.\"{tracking.TAG_FAMILY}\" = '{family}'")
     if model:
         clauses.append(f"tags.\"{tracking.TAG_MODEL}\" = '{model}'")
+    if recipe:
+        clauses.append(f"tags.\"{tracking.TAG_RECIPE}\" = '{recipe}'")
     return " and ".join(clauses)
 
 
@@ -95,6 +98,7 @@ def candidate_runs(
     family: str | None = DEFAULT_FAMILY,
     model: str | None = None,
     experiment_ids: list[str] | None = None,
+    recipe: str | None = None,
 ) -> list[Run]:
     """Finished training runs with a finite ``metric``, best first.
 
@@ -108,7 +112,7 @@ def candidate_runs(
     runs: list[Run] = []
     token = None
     while True:
-        page = client.search_runs(experiment_ids, training_run_filter(family, model), max_results=1000,
+        page = client.search_runs(experiment_ids, training_run_filter(family, model, recipe), max_results=1000,
                                   page_token=token)
         runs.extend(page)
         token = page.token
@@ -134,15 +138,16 @@ def select_best_run(
     family: str | None = DEFAULT_FAMILY,
     model: str | None = None,
     experiment_ids: list[str] | None = None,
+    recipe: str | None = None,
 ) -> Run:
     """The best finished training run of ``family`` (and ``model``) by ``metric`` that has a
     ``checkpoints/best.pt``. Raises :class:`RegistryError` when there is none."""
     client = MlflowClient()
-    for run in candidate_runs(metric, family, model, experiment_ids):
+    for run in candidate_runs(metric, family, model, experiment_ids, recipe):
         if _has_checkpoint(client, run.info.run_id):
             return run
         log.warning("skipping training run %s: it has no %s", run.info.run_id, checkpoints.BEST)
-    what = " ".join(x for x in (family, model) if x) or "any"
+    what = " ".join(x for x in (family, model, recipe and f"recipe={recipe}") if x) or "any"
     raise RegistryError(f"no finished {what} training run with a finite {metric} and a {checkpoints.BEST} "
                         f"was found in the tracking store {mlflow.get_tracking_uri()}; train one first "
                         "(skinml train) or pass a run id")
@@ -413,9 +418,10 @@ def register_best(
     experiment_ids: list[str] | None = None,
     force: bool = False,
     pixel_limit: int = DEFAULT_MAX_PIXELS,
+    recipe: str | None = None,
 ) -> dict[str, Any]:
     """``register_run`` on ``run_id``, or on the best run :func:`select_best_run` finds."""
     if run_id is None:
-        run_id = select_best_run(metric, family, model, experiment_ids).info.run_id
+        run_id = select_best_run(metric, family, model, experiment_ids, recipe).info.run_id
         log.info("best %s training run by %s: %s", family or "any", metric, run_id)
     return register_run(run_id, name=name, metric=metric, force=force, pixel_limit=pixel_limit)

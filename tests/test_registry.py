@@ -22,9 +22,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def log_training_run(checkpoint: str | None, bacc: float, family: str = "fusion", model: str = "cnn_fusion",
-                     loss: float = 1.0, status: str = "FINISHED", step: str = "train", extra_metrics=None) -> str:
+                     loss: float = 1.0, status: str = "FINISHED", step: str = "train", extra_metrics=None,
+                     recipe: str = "default") -> str:
     """A training run as `skinml train` leaves it: tags, params, stepless summaries, best.pt."""
-    tags = {tracking.TAG_FAMILY: family, tracking.TAG_MODEL: model, tracking.TAG_RECIPE: "default",
+    tags = {tracking.TAG_FAMILY: family, tracking.TAG_MODEL: model, tracking.TAG_RECIPE: recipe,
             tracking.TAG_SPLIT_HASH: "ab" * 32}
     with tracking.start_run(step, run_name=f"{model}-{bacc}", tags=tags) as run:
         mlflow.log_params({"backbone": "test_efficientnet", "weights_source": "none (random init)",
@@ -73,6 +74,15 @@ def test_select_best_run_by_validation_within_the_family(mlflow_store, dummy_che
         registry.select_best_run(metric="test_balanced_accuracy")
     with pytest.raises(RegistryError, match="no finished fusion spatial_vit training run"):
         registry.select_best_run(model="spatial_vit")
+
+
+def test_select_best_run_within_a_recipe(mlflow_store, dummy_checkpoint):
+    default = log_training_run(dummy_checkpoint, 0.60)
+    original = log_training_run(dummy_checkpoint, 0.61, recipe="seed")
+    assert registry.select_best_run().info.run_id == original
+    assert registry.select_best_run(recipe="default").info.run_id == default
+    with pytest.raises(RegistryError, match="recipe=custom"):
+        registry.select_best_run(recipe="custom")
 
 
 def test_champion_decision():
