@@ -157,8 +157,8 @@ def outside_env_run() -> Iterator[None]:
 
 
 def git_tags() -> dict[str, str]:
-    """Commit of the checkout (and whether it had uncommitted changes), when there is one."""
-    root = project_root()
+    """Commit of the checkout this code runs from (and whether it had uncommitted changes)."""
+    root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True

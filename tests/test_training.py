@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -94,7 +96,8 @@ def test_learns_easy_synthetic_data_and_tracks_everything(mlflow_store, syntheti
     assert params["weights_source"].startswith("none")
     assert tags[tracking.TAG_FAMILY] == "fusion" and tags[tracking.TAG_MODEL] == "cnn_fusion"
     assert tags[tracking.TAG_SPLIT_HASH] == params["split_manifest_sha256"]
-    assert tags.get("mlflow.source.git.commit") or tags.get("skinml.git_commit") is None
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert tags["skinml.git_commit"] == tags["mlflow.source.git.commit"] == head.stdout.strip()
     for name in ("train_loss", "val_accuracy", "val_balanced_accuracy", "lr_backbone", "lr_head",
                  "epoch_seconds", "images_per_second", f"val_recall_{schema.LABELS[0]}"):
         assert len(client.get_metric_history(result.run_id, name)) == 10, name
