@@ -9,6 +9,7 @@ import mlflow
 import pytest
 
 from skinml import tracking
+from skinml.data.source import DatasetError
 from skinml.data.split import manifest_bytes
 from skinml.pipeline import load_split, run_split
 
@@ -40,7 +41,7 @@ def test_split_run_records_manifest_summary_hash_and_inputs(mlflow_store, synthe
 
 def test_failed_split_leaves_earlier_runs(mlflow_store, synthetic_dir, tmp_path):
     ok = run_split(str(synthetic_dir))
-    with pytest.raises(Exception):
+    with pytest.raises(DatasetError, match="missing"):
         run_split(str(tmp_path / "missing"))
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert [r.info.run_id for r in runs] == [ok.run_id] and runs[0].info.status == "FINISHED"

@@ -139,7 +139,7 @@ def test_early_stopping_and_failed_run_is_marked(mlflow_store, synthetic_dir, tm
     assert mlflow.MlflowClient().get_run(result.run_id).data.tags["skinml.early_stopped_at"] == str(result.epochs_run)
 
     broken = dataclasses.replace(recipe, backbone="no_such_backbone_xyz")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="no_such_backbone_xyz"):
         train(broken, data_dir=str(synthetic_dir), seed=0, num_workers=0)
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert all(r.info.status == "FINISHED" for r in runs)  # the failure never got a half-made run
