@@ -89,7 +89,7 @@ def test_compare_writes_table_and_figure(trained, synthetic_dir, tmp_path):
     table, per_run = compare_runs(out=str(tmp_path / "cmp"))
     assert set(table["model"]) == {"cnn_fusion", "metadata_only"}
     assert len(per_run) == 2
-    for name in ("comparison.md", "comparison.csv", "runs.csv", "comparison.png"):
+    for name in ("comparison.md", "comparison.csv", "runs.csv", "comparison.png", "results.md"):
         assert (tmp_path / "cmp" / name).stat().st_size > 0
     written = pd.read_csv(tmp_path / "cmp" / "runs.csv")
     accuracy = mlflow.MlflowClient().get_run(other.run_id).data.metrics["test_accuracy"]

@@ -21,11 +21,13 @@ from skinml.evaluation import (
     flatten_ci,
     flatten_metrics,
     format_report,
+    metadata_markdown,
     per_run_table,
     plot_comparison,
     plot_confusion_matrix,
     plot_reliability,
     plot_roc_curves,
+    results_markdown,
     save_figure,
     to_jsonable,
     to_markdown,
@@ -476,6 +478,34 @@ def test_to_markdown():
 def test_to_markdown_escapes_pipes():
     md = to_markdown(pd.DataFrame({"name": ["a|b"], "x": [1.23456]}), floatfmt=".2f")
     assert "a\\|b" in md and "1.23" in md
+
+
+def _cells(line):
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_results_markdown_is_the_readme_table():
+    lines = results_markdown(comparison_table(RUNS)).splitlines()
+    assert len(lines) == 2 + 2
+    assert _cells(lines[0])[-1] == "recall " + " / ".join(LABELS)
+    # Three seeds: mean ± sample std, then the mean bootstrap bounds.
+    assert _cells(lines[3]) == ["fusion", "lite0", "sampler", "0, 1, 2", "0.650 ± 0.050 [0.600, 0.700]",
+                                "0.700 ± 0.100 [0.600, 0.800]", "0.900", "0.710 ± 0.100",
+                                "0.50 / 0.50 / 0.50 / 0.50 / 0.50 / 0.50"]
+    # One seed: no ± part.
+    assert _cells(lines[2])[3:6] == ["0", "0.720 [0.670, 0.770]", "0.750 [0.650, 0.850]"]
+
+
+def test_metadata_markdown_shows_subsets_per_run():
+    extra = {"test_complete_metadata_balanced_accuracy": 0.41, "test_complete_metadata_n": 87.0,
+             "test_incomplete_metadata_balanced_accuracy": 0.93, "test_incomplete_metadata_n": 56.0,
+             "test_masked_metadata_balanced_accuracy": 0.2, "test_masked_metadata_n": 143.0}
+    rows = [_run("fusion", "lite0", 1, 0.7, 0.65, **extra), _run("image", "lite0", 0, 0.5, 0.5)]
+    lines = metadata_markdown(rows).splitlines()
+    assert _cells(lines[0])[-3:] == ["complete questionnaire", "incomplete questionnaire", "metadata masked"]
+    assert _cells(lines[2]) == ["fusion-l", "fusion", "lite0", "sampler", "1", "0.700", "0.410 (n=87)",
+                                "0.930 (n=56)", "0.200"]
+    assert _cells(lines[3])[-3:] == ["", "", ""]  # a run evaluated without the subsets
 
 
 def test_plot_comparison(tmp_path):

@@ -5,7 +5,14 @@ ids, and log the returned dicts, figures and tables wherever they like.
 """
 
 from skinml.evaluation.bootstrap import SUPPORTED_METRICS, bootstrap_ci, flatten_ci
-from skinml.evaluation.compare import comparison_table, per_run_table, plot_comparison, to_markdown
+from skinml.evaluation.compare import (
+    comparison_table,
+    metadata_markdown,
+    per_run_table,
+    plot_comparison,
+    results_markdown,
+    to_markdown,
+)
 from skinml.evaluation.metrics import compute_metrics, flatten_metrics, format_report, to_jsonable
 from skinml.evaluation.plots import plot_confusion_matrix, plot_reliability, plot_roc_curves, save_figure
 
@@ -17,11 +24,13 @@ __all__ = [
     "flatten_ci",
     "flatten_metrics",
     "format_report",
+    "metadata_markdown",
     "per_run_table",
     "plot_comparison",
     "plot_confusion_matrix",
     "plot_reliability",
     "plot_roc_curves",
+    "results_markdown",
     "save_figure",
     "to_jsonable",
     "to_markdown",

@@ -29,7 +29,9 @@ __all__ = [
     "GROUP_KEYS",
     "comparison_table",
     "per_run_table",
+    "metadata_markdown",
     "plot_comparison",
+    "results_markdown",
     "summary_metrics",
     "to_markdown",
 ]
@@ -258,3 +260,68 @@ def to_markdown(
         ("-" * (w - 1) + ":") if num else "-" * w for w, num in zip(widths, numeric, strict=True)
     ) + " |"
     return "\n".join([line(headers), rule] + [line(r) for r in body])
+
+
+#: Test subsets that show how much a score leans on the metadata (see ``evaluation.report``).
+METADATA_SUBSETS: tuple[tuple[str, str], ...] = (
+    ("complete_metadata", "complete questionnaire"),
+    ("incomplete_metadata", "incomplete questionnaire"),
+    ("masked_metadata", "metadata masked"),
+)
+
+
+def _mean_std(record: Mapping[str, Any], metric: str, n_seeds: int) -> str:
+    mean, std = record.get(f"{metric}_mean", np.nan), record.get(f"{metric}_std", np.nan)
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return ""
+    text = f"{mean:.3f}"
+    if n_seeds > 1 and std is not None and not math.isnan(std):
+        text += f" ± {std:.3f}"
+    return text
+
+
+def results_markdown(table: pd.DataFrame, labels: Sequence[str] = LABELS) -> str:
+    """The README's results table: one line per configuration of :func:`comparison_table`.
+
+    Metrics are "mean ± std over seeds" (just the value for one seed), accuracies followed by
+    the mean bootstrap interval bounds, and the per-class recalls as one "a / b / ..." cell.
+    """
+    head = ("| model | recipe | imbalance | seeds | test accuracy [95% CI] | test balanced acc. [95% CI] "
+            f"| macro AUC | val bal. acc. | recall {' / '.join(labels)} |")
+    lines = [head, "| --- | --- | --- | --- | --- | --- | ---: | ---: | --- |"]
+    for record in table.to_dict("records"):
+        n = int(record.get("n_seeds") or 0)
+        cells = [str(record[k]) for k in GROUP_KEYS] + [_cell(record.get("seeds") or [], ".3f")]
+        for metric in _CI_METRICS:
+            text = _mean_std(record, metric, n)
+            low, high = record.get(f"{metric}_low_mean"), record.get(f"{metric}_high_mean")
+            if text and low is not None and high is not None and not (math.isnan(low) or math.isnan(high)):
+                text += f" [{low:.3f}, {high:.3f}]"
+            cells.append(text)
+        cells += [_mean_std(record, "test_auc_macro", 1), _mean_std(record, "best_val_bacc", n)]
+        recalls = [record.get(f"test_recall_{label}_mean", np.nan) for label in labels]
+        cells.append(" / ".join("-" if r is None or math.isnan(r) else f"{r:.2f}" for r in recalls))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def metadata_markdown(rows: Iterable[Mapping[str, Any]]) -> str:
+    """Per run: test balanced accuracy on all rows and on each of :data:`METADATA_SUBSETS`."""
+    rows = [dict(r) for r in rows]
+    df = per_run_table(rows)  # sorted by configuration, then seed
+    extra = pd.DataFrame(rows).set_index("run_id") if rows else pd.DataFrame()
+    head = "| run | model | recipe | imbalance | seed | all rows | " + " | ".join(t for _, t in METADATA_SUBSETS) + " |"
+    lines = [head, "| --- | --- | --- | --- | ---: | ---: | " + " | ".join("---:" for _ in METADATA_SUBSETS) + " |"]
+    for record in df.to_dict("records"):
+        source = extra.loc[record["run_id"]]
+        cells = [str(record["run_id"])[:8], *(str(record[k]) for k in GROUP_KEYS), _cell(record.get("seed"), ".3f"),
+                 _cell(record.get("test_balanced_accuracy"), ".3f")]
+        for subset, _title in METADATA_SUBSETS:
+            value = pd.to_numeric(source.get(f"test_{subset}_balanced_accuracy"), errors="coerce")
+            count = pd.to_numeric(source.get(f"test_{subset}_n"), errors="coerce")
+            text = "" if pd.isna(value) else f"{value:.3f}"
+            if text and subset != "masked_metadata" and not pd.isna(count):
+                text += f" (n={int(count)})"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -9,7 +9,14 @@ import mlflow
 import pandas as pd
 
 from skinml import tracking
-from skinml.evaluation.compare import comparison_table, per_run_table, plot_comparison, to_markdown
+from skinml.evaluation.compare import (
+    comparison_table,
+    metadata_markdown,
+    per_run_table,
+    plot_comparison,
+    results_markdown,
+    to_markdown,
+)
 from skinml.evaluation.plots import save_figure
 
 
@@ -53,7 +60,11 @@ def find_runs(run_ids: list[str] | None = None, experiments: list[str] | None = 
 
 def compare_runs(run_ids: list[str] | None = None, experiments: list[str] | None = None, filter_string: str = "",
                  out: str | None = None, log: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Write ``comparison.md``/``.csv``, ``runs.csv`` and ``comparison.png``; returns both tables."""
+    """Write ``comparison.md``/``.csv``, ``runs.csv``, ``results.md`` and ``comparison.png``.
+
+    ``results.md`` holds the README's two results tables (per configuration; per run with the
+    metadata subsets). Returns the per-configuration and per-run tables.
+    """
     runs = find_runs(run_ids, experiments, filter_string)
     if not runs:
         raise ValueError("no evaluated training runs matched: train and evaluate some first")
@@ -67,12 +78,13 @@ def compare_runs(run_ids: list[str] | None = None, experiments: list[str] | None
     table.to_csv(out_dir / "comparison.csv", index=False)
     per_run.to_csv(out_dir / "runs.csv", index=False)
     (out_dir / "comparison.md").write_text(to_markdown(table) + "\n")
+    (out_dir / "results.md").write_text(results_markdown(table) + "\n\n" + metadata_markdown(rows) + "\n")
     save_figure(plot_comparison(table), out_dir / "comparison.png")
     if log:
         with tracking.start_run("compare", run_name="compare") as run:
             mlflow.log_artifacts(str(out_dir), "comparison")
             mlflow.set_tag("skinml.compared_runs", ",".join(r["run_id"] for r in rows)[:5000])
             print(f"comparison logged to run {run.info.run_id}")
-    print(to_markdown(table))
-    print(f"wrote {out_dir}/comparison.md, comparison.csv, runs.csv, comparison.png")
+    print(results_markdown(table))
+    print(f"wrote {out_dir}/results.md, comparison.md, comparison.csv, runs.csv, comparison.png")
     return table, per_run
