@@ -309,11 +309,11 @@ def metadata_markdown(rows: Iterable[Mapping[str, Any]]) -> str:
     """Per run: test balanced accuracy on all rows and on each of :data:`METADATA_SUBSETS`."""
     rows = [dict(r) for r in rows]
     df = per_run_table(rows)  # sorted by configuration, then seed
-    extra = pd.DataFrame(rows).set_index("run_id") if rows else pd.DataFrame()
+    by_id = {r.get("run_id"): r for r in rows}  # per_run_table keeps only the summary columns
     head = "| run | model | recipe | imbalance | seed | all rows | " + " | ".join(t for _, t in METADATA_SUBSETS) + " |"
     lines = [head, "| --- | --- | --- | --- | ---: | ---: | " + " | ".join("---:" for _ in METADATA_SUBSETS) + " |"]
     for record in df.to_dict("records"):
-        source = extra.loc[record["run_id"]]
+        source = by_id[record["run_id"]]
         cells = [str(record["run_id"])[:8], *(str(record[k]) for k in GROUP_KEYS), _cell(record.get("seed"), ".3f"),
                  _cell(record.get("test_balanced_accuracy"), ".3f")]
         for subset, _title in METADATA_SUBSETS:
