@@ -28,8 +28,8 @@ from skinml.evaluation.plots import new_figure
 __all__ = [
     "GROUP_KEYS",
     "comparison_table",
-    "per_run_table",
     "metadata_markdown",
+    "per_run_table",
     "plot_comparison",
     "results_markdown",
     "summary_metrics",
@@ -271,13 +271,8 @@ METADATA_SUBSETS: tuple[tuple[str, str], ...] = (
 
 
 def _mean_std(record: Mapping[str, Any], metric: str, n_seeds: int) -> str:
-    mean, std = record.get(f"{metric}_mean", np.nan), record.get(f"{metric}_std", np.nan)
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return ""
-    text = f"{mean:.3f}"
-    if n_seeds > 1 and std is not None and not math.isnan(std):
-        text += f" ± {std:.3f}"
-    return text
+    mean, std = _cell(record.get(f"{metric}_mean"), ".3f"), _cell(record.get(f"{metric}_std"), ".3f")
+    return f"{mean} ± {std}" if mean and std and n_seeds > 1 else mean
 
 
 def results_markdown(table: pd.DataFrame, labels: Sequence[str] = LABELS) -> str:
@@ -294,13 +289,10 @@ def results_markdown(table: pd.DataFrame, labels: Sequence[str] = LABELS) -> str
         cells = [str(record[k]) for k in GROUP_KEYS] + [_cell(record.get("seeds") or [], ".3f")]
         for metric in _CI_METRICS:
             text = _mean_std(record, metric, n)
-            low, high = record.get(f"{metric}_low_mean"), record.get(f"{metric}_high_mean")
-            if text and low is not None and high is not None and not (math.isnan(low) or math.isnan(high)):
-                text += f" [{low:.3f}, {high:.3f}]"
-            cells.append(text)
+            low, high = (_cell(record.get(f"{metric}_{bound}_mean"), ".3f") for bound in ("low", "high"))
+            cells.append(f"{text} [{low}, {high}]" if text and low and high else text)
         cells += [_mean_std(record, "test_auc_macro", 1), _mean_std(record, "best_val_bacc", n)]
-        recalls = [record.get(f"test_recall_{label}_mean", np.nan) for label in labels]
-        cells.append(" / ".join("-" if r is None or math.isnan(r) else f"{r:.2f}" for r in recalls))
+        cells.append(" / ".join(_cell(record.get(f"test_recall_{label}_mean"), ".2f") or "-" for label in labels))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -317,11 +309,9 @@ def metadata_markdown(rows: Iterable[Mapping[str, Any]]) -> str:
         cells = [str(record["run_id"])[:8], *(str(record[k]) for k in GROUP_KEYS), _cell(record.get("seed"), ".3f"),
                  _cell(record.get("test_balanced_accuracy"), ".3f")]
         for subset, _title in METADATA_SUBSETS:
-            value = pd.to_numeric(source.get(f"test_{subset}_balanced_accuracy"), errors="coerce")
-            count = pd.to_numeric(source.get(f"test_{subset}_n"), errors="coerce")
-            text = "" if pd.isna(value) else f"{value:.3f}"
-            if text and subset != "masked_metadata" and not pd.isna(count):
-                text += f" (n={int(count)})"
-            cells.append(text)
+            text = _cell(source.get(f"test_{subset}_balanced_accuracy"), ".3f")
+            count = _cell(source.get(f"test_{subset}_n"), ".0f")
+            # Masking keeps every row, so its count is the run's own.
+            cells.append(f"{text} (n={count})" if text and count and subset != "masked_metadata" else text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
