@@ -26,9 +26,14 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from skinml import constants  # noqa: E402
+
 log = logging.getLogger(__name__)
 
-DEFAULT_EXPERIMENT = "skinml"
+DEFAULT_EXPERIMENT = constants.EXPERIMENT_NAME
+#: MLflow 3's UI opens an experiment with this kind on its training-runs table (not the GenAI view).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 HOME_ENV = "SKINML_HOME"
 #: Tags every skinml run carries, used to find runs of a kind without name clashes.
 TAG_STEP = "skinml.step"
@@ -38,6 +43,8 @@ TAG_RECIPE = "skinml.recipe"
 TAG_SPLIT_HASH = "skinml.split_manifest_sha256"
 TAG_SPLIT_RUN = "skinml.split_run_id"
 TAG_TRAIN_RUN = "skinml.train_run_id"
+#: Recipe fields a training changed from its preset (empty: the preset as chosen).
+TAG_RECIPE_OVERRIDES = "skinml.recipe_overrides"
 
 
 def project_root() -> Path:
@@ -66,7 +73,7 @@ def setup_tracking() -> str:
     """Point MLflow at the project store, creating or upgrading the database once.
 
     Creation happens under an exclusive file lock: several processes creating a new SQLite
-    database at once corrupt it for good (MLFLOW.md).
+    database at once corrupt it for good (README, "Facts the code relies on").
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -87,24 +94,58 @@ def setup_tracking() -> str:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     SqlAlchemyStore(uri, artifact_root().as_uri())
+                _adopt_default_experiment()
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
     _initialised.add(uri)
     return uri
 
 
+def _adopt_default_experiment() -> None:
+    """In the project's own store, MLflow's empty ``Default`` experiment becomes ``skinml``.
+
+    ``mlflow run .`` puts its runs in experiment id 0 unless told ``--experiment-name``; naming
+    that experiment ``skinml`` makes ``mlflow run`` and ``skinml`` commands land in one place.
+    A store whose ``Default`` already holds runs, or that has a ``skinml`` experiment, is left
+    as it is.
+    """
+    client = MlflowClient()
+    if client.get_experiment_by_name(DEFAULT_EXPERIMENT) is not None:
+        return
+    default = client.get_experiment("0")
+    if default.name != "Default" or client.search_runs(["0"], max_results=1):
+        return
+    client.rename_experiment("0", DEFAULT_EXPERIMENT)
+    client.set_experiment_tag("0", EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
 def get_experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
-    """Existing experiment id, or a new experiment whose artifacts live under ``mlruns/<name>``."""
+    """Existing experiment id, or a new experiment whose artifacts live under ``mlruns/<name>``.
+
+    Every experiment skinml uses is marked as a model-training experiment for the UI.
+    """
     setup_tracking()
     client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = (artifact_root() / name).as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by another process
-        return client.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        location = (artifact_root() / name).as_uri() if _is_local_store() else None
+        try:
+            experiment_id = client.create_experiment(name, artifact_location=location,
+                                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+            experiment_id = client.get_experiment_by_name(name).experiment_id
+        return experiment_id
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+def _is_local_store() -> bool:
+    """The tracking URI is a database on this machine (artifacts go under the project's mlruns/).
+
+    A tracking server (http://...) chooses its own artifact location (proxied artifacts).
+    """
+    return not mlflow.get_tracking_uri().startswith(("http://", "https://", "databricks"))
 
 
 @contextlib.contextmanager
@@ -133,10 +174,14 @@ def start_run(
         # `mlflow run` created this step's run: use it (its experiment was chosen there), once.
         run = mlflow.start_run(run_id=env_run, log_system_metrics=log_system_metrics)
         os.environ.pop("MLFLOW_RUN_ID", None)
+        if MlflowClient().get_experiment(run.info.experiment_id).name == "Default":
+            log.warning("this run is in MLflow's 'Default' experiment; `mlflow run . --experiment-name %s` "
+                        "keeps it with the other skinml runs", DEFAULT_EXPERIMENT)
         if run_name:
             all_tags["mlflow.runName"] = run_name
     else:
         # Under `mlflow run`, extra runs (a split made on the way) join the experiment it chose.
+        experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
         experiment_id = get_experiment_id(experiment) if experiment else (
             os.environ.get("MLFLOW_EXPERIMENT_ID") or get_experiment_id(DEFAULT_EXPERIMENT))
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, log_system_metrics=log_system_metrics)
@@ -199,6 +244,19 @@ def log_params(params: dict[str, Any]) -> None:
             out[key] = text
     if out:
         mlflow.log_params(out)
+
+
+class RunNotFound(ValueError):
+    """No run with that id in the store; the message names the id and the store."""
+
+
+def get_run(run_id: str) -> mlflow.entities.Run:
+    """The run ``run_id``, or :class:`RunNotFound` naming it and the store (one line, no traceback)."""
+    setup_tracking()
+    try:
+        return MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise RunNotFound(f"no run '{run_id}' in the tracking store {mlflow.get_tracking_uri()}") from exc
 
 
 def run_param(run: mlflow.entities.Run, key: str, default: str | None = None) -> str | None:

@@ -65,10 +65,9 @@ def tiny_training(tmp_path_factory, synthetic_dir) -> TinyTraining:
     trained once per session for the registry and serving tests."""
     import mlflow
 
-    from skinml import tracking
-    from skinml.training import checkpoints
+    from skinml import inference, tracking
+    from skinml.steps.train import train
     from skinml.training.recipe import resolve_recipe
-    from skinml.training.run import train
 
     cache = tmp_path_factory.mktemp("tiny-training")
 
@@ -84,6 +83,6 @@ def tiny_training(tmp_path_factory, synthetic_dir) -> TinyTraining:
         recipe = resolve_recipe("default", model="cnn_fusion", backbone="test_efficientnet", pretrained="none",
                                 epochs=1, image_size=32, augment_resize=36, batch_size=16)
         result = train(recipe, data_dir=str(synthetic_dir), seed=0, num_workers=0)
-        checkpoint = tracking.download_artifact(result.run_id, checkpoints.BEST, cache / "checkpoint")
+        checkpoint = tracking.download_artifact(result.run_id, inference.BEST, cache / "checkpoint")
     mlflow.set_tracking_uri(previous_uri)
     return TinyTraining(str(home), result.run_id, str(checkpoint))

@@ -7,13 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from skinml import tracking
+from skinml import inference, tracking
 from skinml.data import schema
 from skinml.data.source import load_metadata
-from skinml.evaluation.report import complete_questionnaire, evaluate_run, mask_metadata
-from skinml.evaluation.runs import compare_runs
-from skinml.training import checkpoints
-from skinml.training.run import train
+from skinml.steps.compare import compare_runs
+from skinml.steps.evaluate import complete_questionnaire, evaluate_run, mask_metadata
+from skinml.steps.train import train
 from tests.test_training import tiny
 
 
@@ -29,8 +28,8 @@ def test_masked_metadata_sets_every_field_missing(synthetic_dir, mlflow_store, t
     masked = mask_metadata(frame)
     assert masked[list(schema.FEATURES)].isna().all().all()
     assert (masked[schema.TARGET] == frame[schema.TARGET]).all()
-    state = checkpoints.load(tracking.download_artifact(trained[0].run_id, checkpoints.BEST))
-    pre = checkpoints.build_inference_bundle(state).preprocessor
+    state = inference.load_checkpoint(tracking.download_artifact(trained[0].run_id, inference.BEST))
+    pre = inference.build_inference_bundle(state).preprocessor
     encoded = pre.transform(masked)
     # Every row becomes the same imputed vector: training means (z=0) and training modes.
     assert (encoded == encoded[0]).all()
@@ -74,6 +73,11 @@ def test_evaluate_logs_everything_and_is_repeatable(trained, synthetic_dir):
                  "confusion_matrix_normalized.png", "confusion_matrix_counts.json", "roc_curves.png", "reliability.png"):
         assert files.get(name, 0) > 0, name
     assert "How much the score leans on metadata" in first.report and "masked metadata" in first.report
+    gallery = {a.path.split("/")[-1]: a.file_size for a in client.list_artifacts(run_id, "evaluation/test/explanations")}
+    assert gallery.get("gallery.html", 0) > 0 and gallery.get("gallery.json", 0) > 0
+    html = tracking.download_artifact(run_id, "evaluation/test/explanations/gallery.html").read_text()
+    assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html  # self-contained
+    assert any(name.startswith("class_") and name.endswith(".png") for name in gallery)
 
 
 def test_evaluate_rejects_non_training_run(trained):

@@ -13,8 +13,9 @@ import yaml
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from skinml import registry, tracking
-from skinml.registry import RegistryError
+from skinml import tracking
+from skinml.steps import register as registry
+from skinml.steps.register import RegistryError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,7 +79,7 @@ def test_select_best_run_by_validation_within_the_family(mlflow_store, dummy_che
 
 def test_select_best_run_within_a_recipe(mlflow_store, dummy_checkpoint):
     default = log_training_run(dummy_checkpoint, 0.60)
-    original = log_training_run(dummy_checkpoint, 0.61, recipe="seed")
+    original = log_training_run(dummy_checkpoint, 0.61, recipe="original")
     assert registry.select_best_run().info.run_id == original
     assert registry.select_best_run(recipe="default").info.run_id == default
     with pytest.raises(RegistryError, match="recipe=custom"):

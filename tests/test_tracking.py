@@ -11,7 +11,7 @@ import pytest
 from skinml import tracking
 from skinml.data.source import DatasetError
 from skinml.data.split import manifest_bytes
-from skinml.pipeline import load_split, run_split
+from skinml.steps.split import load_split, run_split
 
 
 def test_store_lives_at_project_root(mlflow_store, monkeypatch, tmp_path):

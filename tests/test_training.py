@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from skinml import tracking
+from skinml import inference, tracking
 from skinml.data import schema
-from skinml.training import checkpoints
+from skinml.steps.train import train
 from skinml.training.imbalance import inverse_frequency_weights, make_loss, make_sampler
 from skinml.training.recipe import Recipe, resolve_recipe
-from skinml.training.run import train
 
 
 def tiny(**overrides) -> Recipe:
@@ -26,8 +25,8 @@ def tiny(**overrides) -> Recipe:
     return resolve_recipe("default", **{**base, **overrides})
 
 
-def test_seed_preset_is_the_original_recipe():
-    r = resolve_recipe("seed")
+def test_original_preset_is_the_status_report_recipe():
+    r = resolve_recipe("original")
     a = r.augment
     assert (r.image_size, a.resize) == (224, 257)
     assert (a.hflip, a.vflip) == (0.5, 0.5)
@@ -40,12 +39,12 @@ def test_seed_preset_is_the_original_recipe():
 
 
 def test_recipe_overrides_are_typed_and_checked():
-    r = resolve_recipe("seed", epochs="5", lr_backbone="3e-4", include_biopsed="true", augment_rotation="10")
+    r = resolve_recipe("original", epochs="5", lr_backbone="3e-4", include_biopsed="true", augment_rotation="10")
     assert (r.epochs, r.lr_backbone, r.include_biopsed, r.augment.rotation) == (5, 3e-4, True, 10.0)
     with pytest.raises(ValueError, match="unknown recipe option 'epoch'.*epochs"):
-        resolve_recipe("seed", epoch=3)
+        resolve_recipe("original", epoch=3)
     with pytest.raises(ValueError, match="imbalance must be one of"):
-        resolve_recipe("seed", imbalance="oversample")
+        resolve_recipe("original", imbalance="oversample")
     with pytest.raises(ValueError, match="unknown recipe 'fast'"):
         resolve_recipe("fast")
     assert Recipe.from_dict(r.to_dict()) == r
@@ -87,7 +86,7 @@ def test_learns_easy_synthetic_data_and_tracks_everything(mlflow_store, syntheti
     assert len(val_losses) == 10
     assert metrics["best_epoch"] == int(np.argmin(val_losses)) + 1
     assert metrics["best_val_loss"] == pytest.approx(min(val_losses))
-    best = checkpoints.load(tracking.download_artifact(result.run_id, checkpoints.BEST))
+    best = inference.load_checkpoint(tracking.download_artifact(result.run_id, inference.BEST))
     assert best["epoch"] == metrics["best_epoch"] and best["labels"] == list(schema.LABELS)
 
     for key in ("model", "seed", "backbone", "weights_source", "split_run_id", "split_manifest_sha256",
@@ -122,7 +121,7 @@ def test_same_seed_same_result_and_resume_continues(mlflow_store, synthetic_dir)
     # Interrupt after 2 of 4 epochs, then resume: the same curve as the uninterrupted run.
     cut = train(recipe, data_dir=str(synthetic_dir), split=split, seed=3, num_workers=0, max_epochs_this_call=2)
     assert cut.epochs_run == 2
-    last = checkpoints.load(tracking.download_artifact(cut.run_id, checkpoints.LAST))
+    last = inference.load_checkpoint(tracking.download_artifact(cut.run_id, inference.LAST))
     assert last["epoch"] == 2
     resumed = train(recipe, data_dir=str(synthetic_dir), resume=cut.run_id, num_workers=0)
     assert resumed.run_id == cut.run_id and resumed.epochs_run == 4
@@ -149,5 +148,5 @@ def test_metadata_only_trains_without_images(mlflow_store, synthetic_dir):
     result = train(tiny(model="metadata_only", epochs=2), data_dir=str(synthetic_dir), seed=0)
     run = mlflow.MlflowClient().get_run(result.run_id)
     assert run.data.tags[tracking.TAG_FAMILY] == "baseline"
-    state = checkpoints.load(tracking.download_artifact(result.run_id, checkpoints.BEST))
+    state = inference.load_checkpoint(tracking.download_artifact(result.run_id, inference.BEST))
     assert state["image_config"] is None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import mlflow
 
 from skinml import tracking
-from skinml.study import comparison_jobs
-from skinml.workflow import run_main
+from skinml.steps.main import run_main
+from skinml.steps.study import comparison_jobs
 from tests.test_training import tiny
 
 
@@ -51,10 +51,10 @@ def test_baseline_is_trained_and_evaluated_but_not_registered(mlflow_store, synt
 def test_study_plan_puts_the_research_question_first():
     jobs = comparison_jobs((42, 43, 44), "default", {}, None)
     names = [j.name for j in jobs]
-    assert names[:4] == ["default-s42", "seed-recipe-s42", "metadata_only-default-s42", "image_only-default-s42"]
+    assert names[:4] == ["default-s42", "original-recipe-s42", "metadata_only-default-s42", "image_only-default-s42"]
     assert {"default-imbalance-sampler-s42", "default-imbalance-both-s42"} <= set(names)
     assert "default-imbalance-loss-s42" not in names  # the default recipe already uses loss weights
-    assert sum(n.startswith("default-s") for n in names) == 3 and sum(n.startswith("seed-recipe") for n in names) == 3
+    assert sum(n.startswith("default-s") for n in names) == 3 and sum(n.startswith("original-recipe") for n in names) == 3
     spatial = next(j for j in jobs if j.model == "spatial_fusion")
     assert spatial.overrides["backbone"] == "efficientnet_lite0" and "vit_pretrained" in spatial.overrides["model_options"]
 

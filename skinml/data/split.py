@@ -1,7 +1,7 @@
 """Patient-level train/validation/test split, written as a manifest that later steps consume.
 
 No patient ever appears in two splits: PAD-UFES-20 has up to 10 images per patient and
-image-level splits inflate scores by several points (DATA.md).
+image-level splits inflate scores by several points (README, "Facts the code relies on").
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from skinml.constants import SPLIT_STRATEGIES as STRATEGIES
+from skinml.constants import canonical_split_strategy
 from skinml.data import schema
 
 SPLITS = ("train", "val", "test")
-STRATEGIES = ("stratified", "seed")
 MANIFEST_COLUMNS = ("img_id", "patient_id", "lesion_id", "diagnostic", "split")
 
 
@@ -55,7 +56,7 @@ def _stratified_assignment(frame: pd.DataFrame, fractions: dict[str, float], see
     return assignment
 
 
-def _seed_assignment(frame: pd.DataFrame, fractions: dict[str, float], seed: int) -> dict[str, str]:
+def _random_assignment(frame: pd.DataFrame, fractions: dict[str, float], seed: int) -> dict[str, str]:
     """The original status report's split: plain ``train_test_split`` over patient ids."""
     patients = sorted(frame[schema.PATIENT_ID].unique())
     held_out = fractions["val"] + fractions["test"]
@@ -72,12 +73,13 @@ def patient_level_split(
     strategy: str = "stratified",
 ) -> pd.DataFrame:
     """Return the manifest: one row per image with its split, sorted by ``img_id``."""
+    strategy = canonical_split_strategy(strategy)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown split strategy {strategy!r}; choose one of {STRATEGIES}")
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"bad split fractions val={val_fraction}, test={test_fraction}")
     fractions = {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}
-    assign = _stratified_assignment if strategy == "stratified" else _seed_assignment
+    assign = _stratified_assignment if strategy == "stratified" else _random_assignment
     assignment = assign(frame, fractions, seed)
     manifest = frame[list(MANIFEST_COLUMNS[:-1])].copy()
     manifest["split"] = frame[schema.PATIENT_ID].map(assignment)

@@ -36,8 +36,10 @@ __all__ = [
     "to_markdown",
 ]
 
-#: A configuration is one (model, recipe, imbalance) triple; seeds are its repetitions.
-GROUP_KEYS: tuple[str, ...] = ("model", "recipe", "imbalance")
+#: A configuration is a model and its resolved recipe (``config``: a short hash of every recipe
+#: field, so runs with different overrides are never pooled) on one split; seeds are its
+#: repetitions. ``recipe`` and ``imbalance`` are there to be read, ``config`` decides.
+GROUP_KEYS: tuple[str, ...] = ("model", "recipe", "imbalance", "config", "split")
 _MISSING_KEY = "-"
 _CI_METRICS = ("test_accuracy", "test_balanced_accuracy")
 
@@ -127,7 +129,7 @@ def comparison_table(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """
     df = _frame(rows)
     if df.empty:
-        return pd.DataFrame(columns=[*GROUP_KEYS, "n_runs", "n_seeds", "seeds"])
+        return pd.DataFrame(columns=[*GROUP_KEYS, "n_runs", "n_seeds", "seeds", "seed_counts", "duplicate_seeds"])
     metrics = [m for m in summary_metrics() if m in df.columns]
     bounds = [c for c in _ci_columns() if c in df.columns]
 
@@ -138,6 +140,8 @@ def comparison_table(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
         record["n_runs"] = len(group)
         record["n_seeds"] = len(set(seeds))
         record["seeds"] = sorted(set(seeds), key=_seed_order)
+        record["seed_counts"] = {seed: seeds.count(seed) for seed in record["seeds"]}
+        record["duplicate_seeds"] = len(seeds) > len(set(seeds))
         for m in metrics:
             values = group[m].dropna()
             record[f"{m}_mean"] = float(values.mean()) if len(values) else np.nan
@@ -275,18 +279,25 @@ def _mean_std(record: Mapping[str, Any], metric: str, n_seeds: int) -> str:
     return f"{mean} ± {std}" if mean and std and n_seeds > 1 else mean
 
 
+def seeds_cell(record: Mapping[str, Any]) -> str:
+    """The seeds of a configuration; a seed run more than once is flagged ("42 (x2)")."""
+    counts = record.get("seed_counts") or {}
+    seeds = record.get("seeds") or []
+    return ", ".join(f"{s} (x{counts[s]})" if counts.get(s, 1) > 1 else str(s) for s in seeds)
+
+
 def results_markdown(table: pd.DataFrame, labels: Sequence[str] = LABELS) -> str:
     """The README's results table: one line per configuration of :func:`comparison_table`.
 
     Metrics are "mean ± std over seeds" (just the value for one seed), accuracies followed by
     the mean bootstrap interval bounds, and the per-class recalls as one "a / b / ..." cell.
     """
-    head = ("| model | recipe | imbalance | seeds | test accuracy [95% CI] | test balanced acc. [95% CI] "
-            f"| macro AUC | val bal. acc. | recall {' / '.join(labels)} |")
-    lines = [head, "| --- | --- | --- | --- | --- | --- | ---: | ---: | --- |"]
+    head = ("| model | recipe | imbalance | config | split | runs | seeds | test accuracy [95% CI] "
+            f"| test balanced acc. [95% CI] | macro AUC | val bal. acc. | recall {' / '.join(labels)} |")
+    lines = [head, "| --- | --- | --- | --- | --- | ---: | --- | --- | --- | ---: | ---: | --- |"]
     for record in table.to_dict("records"):
-        n = int(record.get("n_seeds") or 0)
-        cells = [str(record[k]) for k in GROUP_KEYS] + [_cell(record.get("seeds") or [], ".3f")]
+        n = int(record.get("n_runs") or 0)
+        cells = [str(record[k]) for k in GROUP_KEYS] + [str(n), seeds_cell(record)]
         for metric in _CI_METRICS:
             text = _mean_std(record, metric, n)
             low, high = (_cell(record.get(f"{metric}_{bound}_mean"), ".3f") for bound in ("low", "high"))
@@ -302,8 +313,10 @@ def metadata_markdown(rows: Iterable[Mapping[str, Any]]) -> str:
     rows = [dict(r) for r in rows]
     df = per_run_table(rows)  # sorted by configuration, then seed
     by_id = {r.get("run_id"): r for r in rows}  # per_run_table keeps only the summary columns
-    head = "| run | model | recipe | imbalance | seed | all rows | " + " | ".join(t for _, t in METADATA_SUBSETS) + " |"
-    lines = [head, "| --- | --- | --- | --- | ---: | ---: | " + " | ".join("---:" for _ in METADATA_SUBSETS) + " |"]
+    head = ("| run | model | recipe | imbalance | config | split | seed | all rows | "
+            + " | ".join(t for _, t in METADATA_SUBSETS) + " |")
+    lines = [head, "| --- | --- | --- | --- | --- | --- | ---: | ---: | "
+             + " | ".join("---:" for _ in METADATA_SUBSETS) + " |"]
     for record in df.to_dict("records"):
         source = by_id[record["run_id"]]
         cells = [str(record["run_id"])[:8], *(str(record[k]) for k in GROUP_KEYS), _cell(record.get("seed"), ".3f"),

@@ -27,6 +27,7 @@ from skinml.models.registry import (
     create_model,
     create_model_from_config,
     describe_models,
+    model_class,
     model_options,
 )
 from skinml.models.registry import model_names as _model_names
@@ -50,5 +51,6 @@ __all__ = [
     "create_model",
     "create_model_from_config",
     "describe_models",
+    "model_class",
     "model_options",
 ]

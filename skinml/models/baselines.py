@@ -31,6 +31,7 @@ from skinml.models.registry import (
 class ImageOnlyBaseline(SkinClassifier):
     """The CNN branch and head of cnn_fusion; metadata is ignored."""
 
+    uses_metadata = False
     weights_options = ("pretrained",)
 
     def __init__(
@@ -84,6 +85,8 @@ class ImageOnlyBaseline(SkinClassifier):
 class MetadataOnlyBaseline(SkinClassifier):
     """The metadata MLP and head of cnn_fusion; the image is ignored."""
 
+    uses_images = False
+    backbone_option = None
     weights_options = ("pretrained",)
 
     def __init__(

@@ -32,6 +32,13 @@ class SkinClassifier(nn.Module):
 
     model_name: ClassVar[str]
     family: ClassVar[str]
+    #: What the model consumes, so callers never branch on model names.
+    uses_images: ClassVar[bool] = True
+    uses_metadata: ClassVar[bool] = True
+    #: The constructor option that names the CNN backbone (None: no image backbone).
+    backbone_option: ClassVar[str | None] = "backbone"
+    #: Options that load pretrained weights (set to "none" when rebuilding from a checkpoint).
+    weights_options: ClassVar[tuple[str, ...]] = ()
 
     num_metadata_features: int
     options: dict
@@ -126,7 +133,7 @@ def create_model_from_config(config: dict) -> SkinClassifier:
     loaded (they would be overwritten by the checkpoint's state dict anyway)."""
     cls = _model_class(config["name"])
     options = dict(config["options"])
-    for option in getattr(cls, "weights_options", ()):
+    for option in cls.weights_options:
         options[option] = "none"
     return create_model(config["name"], config["num_metadata_features"], **options)
 
@@ -149,7 +156,7 @@ def describe_models(num_metadata_features: int = 21, **options) -> list[dict]:
     for name, cls in _MODELS.items():
         accepted = model_options(name)
         chosen = {key: value for key, value in options.items() if key in accepted}
-        chosen.update({option: "none" for option in getattr(cls, "weights_options", ())})
+        chosen.update({option: "none" for option in cls.weights_options})
         with torch.device("meta"):
             model = create_model(name, num_metadata_features, **chosen)
         rows.append(
@@ -163,6 +170,11 @@ def describe_models(num_metadata_features: int = 21, **options) -> list[dict]:
             }
         )
     return rows
+
+
+def model_class(name: object) -> type[SkinClassifier]:
+    """The registered class of ``name`` (its ``family``, ``uses_images``, ``backbone_option``)."""
+    return _model_class(name)
 
 
 def _model_class(name: object) -> type[SkinClassifier]:

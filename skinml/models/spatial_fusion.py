@@ -36,6 +36,7 @@ class SpatialVisionFusion(SkinClassifier):
     where timm supports it (``dynamic_img_size``), as it does for its VisionTransformer.
     """
 
+    backbone_option = "cnn_backbone"
     weights_options = ("pretrained", "vit_pretrained")
 
     def __init__(

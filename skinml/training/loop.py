@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 
@@ -11,20 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-
-def autocast(device: torch.device):
-    """bfloat16 autocast on CUDA; full precision on CPU (bf16 on these CPUs is slower)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _to_device(image: torch.Tensor, metadata: torch.Tensor, device: torch.device):
-    non_blocking = device.type == "cuda"
-    image = image.to(device, non_blocking=non_blocking)
-    if image.dim() == 4 and image.shape[-1] > 1:
-        image = image.contiguous(memory_format=torch.channels_last)
-    return image, metadata.to(device, non_blocking=non_blocking)
+from skinml.inference import autocast, to_device
 
 
 def _progress(loader, desc: str):
@@ -33,12 +19,15 @@ def _progress(loader, desc: str):
 
 
 def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torch.device,
-                    grad_clip: float = 0.0, desc: str = "train") -> dict[str, float]:
+                    grad_clip: float = 0.0, desc: str = "train", batch_transform=None) -> dict[str, float]:
+    """One pass over ``loader``; ``batch_transform`` augments each batch once it is on the device."""
     model.train()
     total_loss, seen = 0.0, 0
     start = time.perf_counter()
     for image, metadata, target in _progress(loader, desc):
-        image, metadata = _to_device(image, metadata, device)
+        image, metadata = to_device(image, metadata, device)
+        if batch_transform is not None:
+            image = batch_transform(image).contiguous(memory_format=torch.channels_last)
         target = target.to(device, non_blocking=device.type == "cuda")
         with autocast(device):
             logits = model(image, metadata)
@@ -54,23 +43,6 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torc
     return {"train_loss": total_loss / max(seen, 1), "train_seconds": seconds, "images_per_second": seen / seconds}
 
 
-@torch.no_grad()
-def predict(model: nn.Module, loader, device: torch.device, criterion=None, desc: str = "eval"):
-    """Class probabilities for every row of ``loader`` (in order), and the mean loss if asked."""
-    model.eval()
-    probabilities, total_loss, seen = [], 0.0, 0
-    for image, metadata, target in _progress(loader, desc):
-        image, metadata = _to_device(image, metadata, device)
-        with autocast(device):
-            logits = model(image, metadata).float()
-        if criterion is not None:
-            total_loss += criterion(logits, target.to(device)).item() * len(target)
-            seen += len(target)
-        probabilities.append(torch.softmax(logits, dim=1).cpu().numpy())
-    proba = np.concatenate(probabilities) if probabilities else np.zeros((0, 0))
-    return proba, (total_loss / seen if seen else float("nan"))
-
-
 def epoch_metrics(labels: np.ndarray, proba: np.ndarray, label_names) -> dict[str, float]:
     """Accuracy, balanced accuracy (over classes present) and per-class recall, for curves."""
     predicted = proba.argmax(axis=1)
@@ -84,3 +56,8 @@ def epoch_metrics(labels: np.ndarray, proba: np.ndarray, label_names) -> dict[st
     }
     out.update({f"val_recall_{name}": float(recall[i]) for i, name in enumerate(label_names) if support[i] > 0})
     return out
+
+
+def progress(desc: str):
+    """A tqdm wrapper for :func:`skinml.inference.predict_proba`."""
+    return lambda loader: _progress(loader, desc)

@@ -1,9 +1,11 @@
-"""Datasets built from the decode-once image cache and the fitted metadata preprocessor."""
+"""Datasets built from the decode-once image cache and the fitted metadata preprocessor.
+
+Shared by training, evaluation and explanations; nothing here knows about MLflow or training.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -77,13 +79,14 @@ def build_split_arrays(
     return SplitArrays(frame, images, preprocessor.transform(frame), encode_labels(frame))
 
 
-def default_num_workers(device: torch.device) -> int:
-    """Workers that keep the model fed without starving its own threads.
+def mask_metadata(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every clinical feature set to missing (identifiers, label and image path kept)."""
+    masked = frame.copy()
+    for column in schema.FEATURES:
+        masked[column] = None
+    return masked
 
-    On a 2-core CPU machine one worker augments while the main process trains on the other
-    core's share; on CUDA the GPU is rarely the bottleneck, so use more CPU for augmentation.
-    """
-    cores = os.cpu_count() or 1
-    if device.type == "cuda":
-        return min(8, max(1, cores - 1))
-    return 1 if cores <= 4 else min(4, cores // 2)
+
+def complete_questionnaire(frame: pd.DataFrame) -> np.ndarray:
+    """True where all 13 questionnaire fields are present."""
+    return frame[list(schema.QUESTIONNAIRE_FEATURES)].notna().all(axis=1).to_numpy()

@@ -30,21 +30,20 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import skinml
-from skinml import tracking
-from skinml.data.images import DEFAULT_MAX_PIXELS
+from skinml import constants, inference, tracking
+from skinml.data.image_config import DEFAULT_MAX_PIXELS
 from skinml.serving import PYFUNC_MODEL_FILE
 from skinml.serving import schema as serving_schema
-from skinml.training import checkpoints
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "skin-lesion-classifier"
-CHAMPION_ALIAS = "champion"
-DEFAULT_METRIC = "best_val_bacc"
+DEFAULT_MODEL_NAME = constants.REGISTERED_MODEL_NAME
+CHAMPION_ALIAS = constants.CHAMPION_ALIAS
+DEFAULT_METRIC = constants.SELECTION_METRIC
 DEFAULT_FAMILY = "fusion"
 MODEL_ARTIFACT = "model"
 #: Packages the served model imports, pinned to the versions installed when it is logged.
-SERVING_PACKAGES = ("torch", "torchvision", "timm", "mlflow", "pandas", "numpy", "pillow", "scikit-learn")
+SERVING_PACKAGES = ("torch", "torchvision", "timm", "mlflow", "pandas", "numpy", "pillow", "scikit-learn", "captum")
 
 # Tags recorded on every model version.
 VTAG_TRAIN_RUN = tracking.TAG_TRAIN_RUN
@@ -119,6 +118,8 @@ def candidate_runs(
         if not token:
             break
     runs = [r for r in runs if _metric(r, metric) is not None]
+    if recipe:  # the recipe as chosen, not an ablation that overrode part of it
+        runs = [r for r in runs if not r.data.tags.get(tracking.TAG_RECIPE_OVERRIDES)]
     sign = -1.0 if greater_is_better(metric) else 1.0
 
     def rank(run: Run):
@@ -129,8 +130,8 @@ def candidate_runs(
 
 
 def _has_checkpoint(client: MlflowClient, run_id: str) -> bool:
-    folder = checkpoints.BEST.rpartition("/")[0]
-    return any(a.path == checkpoints.BEST for a in client.list_artifacts(run_id, folder))
+    folder = inference.BEST.rpartition("/")[0]
+    return any(a.path == inference.BEST for a in client.list_artifacts(run_id, folder))
 
 
 def select_best_run(
@@ -146,9 +147,9 @@ def select_best_run(
     for run in candidate_runs(metric, family, model, experiment_ids, recipe):
         if _has_checkpoint(client, run.info.run_id):
             return run
-        log.warning("skipping training run %s: it has no %s", run.info.run_id, checkpoints.BEST)
+        log.warning("skipping training run %s: it has no %s", run.info.run_id, inference.BEST)
     what = " ".join(x for x in (family, model, recipe and f"recipe={recipe}") if x) or "any"
-    raise RegistryError(f"no finished {what} training run with a finite {metric} and a {checkpoints.BEST} "
+    raise RegistryError(f"no finished {what} training run with a finite {metric} and a {inference.BEST} "
                         f"was found in the tracking store {mlflow.get_tracking_uri()}; train one first "
                         "(skinml train) or pass a run id")
 
@@ -183,9 +184,9 @@ def log_pyfunc_model(train_run_id: str, limits: serving_schema.ServingLimits | N
     limits = limits or serving_schema.ServingLimits()
     with tempfile.TemporaryDirectory(prefix="skinml-register-") as tmp:
         tmp = Path(tmp)
-        checkpoint = tracking.download_artifact(train_run_id, checkpoints.BEST, tmp / "download")
-        state = checkpoints.load(checkpoint)
-        bundle = checkpoints.build_inference_bundle(state)
+        checkpoint = tracking.download_artifact(train_run_id, inference.BEST, tmp / "download")
+        state = inference.load_checkpoint(checkpoint)
+        bundle = inference.build_inference_bundle(state)
         files = {
             "checkpoint": checkpoint,
             "preprocessor": bundle.preprocessor.save(tmp / "preprocessor.json"),
@@ -305,12 +306,27 @@ def _description(name: str, version: str, run: Run, tags: dict[str, str], metric
         f"Chosen by {metric} (validation). Validation: {metric_line(VTAG_VAL_PREFIX)}.",
         f"Test: {metric_line(VTAG_TEST_PREFIX)}.",
         f"Alias '{CHAMPION_ALIAS}': {'moved to v' + version if moved else 'not moved'} ({reason}).",
-        f"Registered {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `skinml register`; serve with "
+        f"Registered {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by `skinml register`; serve with "
         f"`mlflow models serve -m \"models:/{name}@{CHAMPION_ALIAS}\" --env-manager local`.",
     ])
 
 
-def _reuse_version(client: MlflowClient, name: str, existing, run_id: str, metric: str, value: float) -> dict[str, Any]:
+def _not_champion_material(run: Run, champion_recipe: str | None) -> str | None:
+    """Why ``run`` may be registered but must not take the alias (None: it may)."""
+    if not champion_recipe:
+        return None
+    recipe = run.data.tags.get(tracking.TAG_RECIPE)
+    overrides = run.data.tags.get(tracking.TAG_RECIPE_OVERRIDES)
+    if recipe != champion_recipe:
+        return f"recipe {recipe!r} is not the validation-chosen {champion_recipe!r}: registered, champion unchanged"
+    if overrides:
+        return (f"recipe {recipe!r} with overrides ({overrides}) is not the validation-chosen recipe: registered, "
+                "champion unchanged")
+    return None
+
+
+def _reuse_version(client: MlflowClient, name: str, existing, run_id: str, metric: str, value: float,
+                   ineligible: str | None = None) -> dict[str, Any]:
     """The run already has a version: register nothing, but still give it the alias if it wins."""
     version = str(existing.version)
     champion = champion_version(name, client)
@@ -319,6 +335,8 @@ def _reuse_version(client: MlflowClient, name: str, existing, run_id: str, metri
     else:
         champion_value = version_metric(champion, metric, client) if champion is not None else None
         moved, reason = champion_decision(value, metric, champion, champion_value)
+        if ineligible:
+            moved, reason = False, ineligible
         if moved:
             client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
             client.set_model_version_tag(name, version, VTAG_DECISION, reason)
@@ -339,12 +357,14 @@ def register_run(
     force: bool = False,
     pixel_limit: int = DEFAULT_MAX_PIXELS,
     limits: serving_schema.ServingLimits | None = None,
+    champion_recipe: str | None = None,
 ) -> dict[str, Any]:
     """Log ``run_id``'s model, register it as a new version of ``name`` and maybe move the alias.
 
     The pyfunc model is logged in a new ``register`` run (under ``mlflow run``, the run MLflow
     started) in the training run's experiment. A run that already has a version of ``name`` is
-    not registered again unless ``force``. Returns ``{name, version, run_id, register_run_id,
+    not registered again unless ``force``. With ``champion_recipe`` only a run of that recipe,
+    without overrides, may take the alias (others are registered, the champion stays). Returns ``{name, version, run_id, register_run_id,
     model_uri, metric, value, alias_moved, champion_version, reason, registered}``.
     """
     check_selection_metric(metric)
@@ -363,12 +383,13 @@ def register_run(
     if value is None:
         raise RegistryError(f"training run {run_id} has no finite {metric}")
     if not _has_checkpoint(client, run_id):
-        raise RegistryError(f"training run {run_id} has no {checkpoints.BEST}")
+        raise RegistryError(f"training run {run_id} has no {inference.BEST}")
     limits = limits or serving_schema.ServingLimits(max_pixels=int(pixel_limit))
+    ineligible = _not_champion_material(run, champion_recipe)
 
     existing = _existing_version(client, name, run_id)
     if existing is not None and not force:
-        return _reuse_version(client, name, existing, run_id, metric, value)
+        return _reuse_version(client, name, existing, run_id, metric, value, ineligible)
 
     experiment = client.get_experiment(run.info.experiment_id).name
     register_tags = {tracking.TAG_TRAIN_RUN: run_id,
@@ -387,6 +408,8 @@ def register_run(
         champion = champion_version(name, client)
         champion_value = version_metric(champion, metric, client) if champion is not None else None
         moved, reason = champion_decision(value, metric, champion, champion_value, force)
+        if ineligible and not force:
+            moved, reason = False, ineligible
         for key, tag_value in {**tags, VTAG_DECISION: reason}.items():
             client.set_model_version_tag(name, version, key, tag_value)
         client.update_model_version(name, version, description=_description(name, version, run, tags, metric,
@@ -424,4 +447,4 @@ def register_best(
     if run_id is None:
         run_id = select_best_run(metric, family, model, experiment_ids, recipe).info.run_id
         log.info("best %s training run by %s: %s", family or "any", metric, run_id)
-    return register_run(run_id, name=name, metric=metric, force=force, pixel_limit=pixel_limit)
+    return register_run(run_id, name=name, metric=metric, force=force, pixel_limit=pixel_limit, champion_recipe=recipe)

@@ -1,6 +1,6 @@
 """The tracked evaluation step: score a training run's selected checkpoint on its own split.
 
-Besides the usual metrics it measures how much the score leans on metadata (DATA.md): the
+Besides the usual metrics it measures how much the score leans on metadata (README, "Facts the code relies on"): the
 same metrics on rows with a complete questionnaire and on rows without, and the whole split
 scored again with every clinical field masked (set to missing, then imputed as in training).
 Results go to the training run (stepless ``test_*`` metrics, ``evaluation/<split>/`` files)
@@ -20,51 +20,19 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.entities import Metric
-from torch.utils.data import DataLoader
 
-from skinml import tracking
+from skinml import inference, tracking
 from skinml.data import schema
+from skinml.data.dataset import complete_questionnaire, mask_metadata
 from skinml.data.source import load_metadata
 from skinml.data.split import attach_split
-from skinml.data.transforms import build_eval_transform
 from skinml.evaluation.bootstrap import bootstrap_ci, flatten_ci
 from skinml.evaluation.metrics import compute_metrics, flatten_metrics, format_report, to_jsonable
 from skinml.evaluation.plots import plot_confusion_matrix, plot_reliability, plot_roc_curves, save_figure
-from skinml.training import checkpoints
-from skinml.training.data import LesionDataset, build_split_arrays
-from skinml.training.loop import predict
-from skinml.training.run import pick_device
+from skinml.inference import decode_images, pick_device, score_frame
 
 SPLIT_PREFIX = {"test": "test_", "val": "evalval_"}
-
-
-def mask_metadata(frame: pd.DataFrame) -> pd.DataFrame:
-    """Every clinical feature set to missing (identifiers, label and image path kept)."""
-    masked = frame.copy()
-    for column in schema.FEATURES:
-        masked[column] = None
-    return masked
-
-
-def complete_questionnaire(frame: pd.DataFrame) -> np.ndarray:
-    """True where all 13 questionnaire fields are present."""
-    return frame[list(schema.QUESTIONNAIRE_FEATURES)].notna().all(axis=1).to_numpy()
-
-
-def score_frame(bundle: checkpoints.InferenceBundle, frame: pd.DataFrame, device: torch.device | None = None,
-                batch_size: int = 64, images: np.ndarray | None = None) -> np.ndarray:
-    """Class probabilities for each row of ``frame`` with the evaluation transform."""
-    device = device or torch.device("cpu")
-    if images is None and bundle.uses_images:
-        images = build_split_arrays(frame, bundle.preprocessor, bundle.image_config.image_size).images
-    labels = frame[schema.TARGET].map(schema.LABEL_TO_INDEX).fillna(0).to_numpy(dtype=np.int64)
-    dataset = LesionDataset(images if bundle.uses_images else None, bundle.preprocessor.transform(frame), labels,
-                            build_eval_transform(bundle.image_config) if bundle.uses_images else None)
-    bundle.model.to(device)
-    proba, _ = predict(bundle.model, DataLoader(dataset, batch_size=batch_size, shuffle=False), device, desc="score")
-    return proba
 
 
 @dataclass
@@ -81,30 +49,35 @@ def _subset_metrics(y: np.ndarray, proba: np.ndarray, mask: np.ndarray) -> dict[
 
 
 def evaluate_run(run_id: str, split: str = "test", data_dir: str | None = None, n_boot: int = 1000,
-                 device: str = "cpu", batch_size: int = 64) -> EvaluationResult:
+                 device: str = "cpu", batch_size: int = 64, explanations: bool = True) -> EvaluationResult:
+    """Score ``run_id``'s selected checkpoint on its own split and log everything to the run.
+
+    With ``explanations`` an explanation gallery (per class, the most confident right and wrong
+    cases with heatmaps and metadata contributions) goes to ``evaluation/<split>/explanations/``.
+    """
     if split not in SPLIT_PREFIX:
         raise ValueError(f"split must be one of {sorted(SPLIT_PREFIX)}, got {split!r}")
     tracking.setup_tracking()
     client = mlflow.MlflowClient()
-    run = client.get_run(run_id)
+    run = tracking.get_run(run_id)
     if run.data.tags.get(tracking.TAG_STEP) != "train":
         raise ValueError(f"run {run_id} is not a skinml training run (tag {tracking.TAG_STEP}={run.data.tags.get(tracking.TAG_STEP)!r})")
     start = time.perf_counter()
-    state = checkpoints.load(tracking.download_artifact(run_id, checkpoints.BEST))
-    bundle = checkpoints.build_inference_bundle(state)
+    state = inference.load_checkpoint(tracking.download_artifact(run_id, inference.BEST))
+    bundle = inference.build_inference_bundle(state)
 
-    from skinml.pipeline import load_split
+    from skinml.steps.split import load_split
 
     split_ref = load_split(run.data.tags.get(tracking.TAG_SPLIT_RUN) or tracking.run_param(run, "split_source"))
     if split_ref.sha256 != run.data.tags.get(tracking.TAG_SPLIT_HASH):
         raise ValueError(f"the split found for run {run_id} does not match the hash it was trained with")
     data_dir = data_dir or tracking.run_param(run, "data_dir")
-    frame = attach_split(load_metadata(data_dir), split_ref.manifest)
+    frame = attach_split(load_metadata(data_dir, drop_missing_images=split_ref.drop_missing_images), split_ref.manifest)
     frame = frame[frame["split"] == split].reset_index(drop=True)
     y = frame[schema.TARGET].map(schema.LABEL_TO_INDEX).to_numpy()
 
     dev = pick_device(device)
-    images = build_split_arrays(frame, bundle.preprocessor, bundle.image_config.image_size).images if bundle.uses_images else None
+    images = decode_images(bundle, frame)
     proba = score_frame(bundle, frame, dev, batch_size, images)
     masked_proba = score_frame(bundle, mask_metadata(frame), dev, batch_size, images)
     complete = complete_questionnaire(frame)
@@ -137,7 +110,14 @@ def evaluate_run(run_id: str, split: str = "test", data_dir: str | None = None, 
         predictions[f"p_{label}"] = proba[:, i]
 
     report = _format(full, ci, subsets, flat, prefix, run, split)
-    _log(client, run_id, split, flat, full, ci, subsets, predictions, report, proba, y)
+    gallery = None
+    if explanations:
+        def gallery(out_dir: Path) -> None:
+            from skinml.explain import write_gallery
+
+            write_gallery(bundle, frame, images, proba, out_dir)
+
+    _log(client, run_id, split, flat, full, ci, subsets, predictions, report, proba, y, gallery)
     print(report)
     return EvaluationResult(flat, report, predictions)
 
@@ -160,7 +140,7 @@ def _format(full, ci, subsets, flat, prefix, run, split) -> str:
     return "\n".join(lines)
 
 
-def _log(client, run_id, split, flat, full, ci, subsets, predictions, report, proba, y) -> None:
+def _log(client, run_id, split, flat, full, ci, subsets, predictions, report, proba, y, gallery=None) -> None:
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, 0) for k, v in flat.items() if np.isfinite(v)]
     targets = [run_id]
@@ -184,6 +164,8 @@ def _log(client, run_id, split, flat, full, ci, subsets, predictions, report, pr
         save_figure(plot_reliability(full), out / "reliability.png")
         predictions.to_csv(out / "predictions.csv", index=False)
         (out / "report.txt").write_text(report + "\n")
+        if gallery is not None:
+            gallery(out / "explanations")
         for target in targets:
             for start in range(0, len(metrics), 500):
                 client.log_batch(target, metrics=metrics[start:start + 500])

@@ -12,11 +12,13 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
 
 from skinml import tracking
+from skinml.constants import canonical_split_strategy
 from skinml.data import schema
 from skinml.data.source import load_metadata
 from skinml.data.split import (
@@ -41,18 +43,27 @@ class SplitRef:
     sha256: str
     run_id: str | None
     source: str
+    #: The split left out rows whose photo was missing: later steps load the data the same way.
+    drop_missing_images: bool = False
 
 
 def log_dataset_inputs(manifest: pd.DataFrame, data_dir: str, split_names=("train", "val", "test")) -> None:
     """Log each split of the manifest as an MLflow dataset input (context = split name)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "source type registered twice" (harmless, MLFLOW.md)
+        warnings.simplefilter("ignore")  # "source type registered twice": harmless (README, "Facts the code relies on")
         for name in split_names:
             part = manifest[manifest["split"] == name].reset_index(drop=True)
             dataset = mlflow.data.from_pandas(
                 part, source=str(data_dir), targets=schema.TARGET, name=f"pad-ufes-20-{name}"
             )
             mlflow.log_input(dataset, context=name)
+
+
+def split_params(data_dir: str, seed: int, strategy: str, val_fraction: float, test_fraction: float,
+                 drop_missing_images: bool) -> dict[str, Any]:
+    """The inputs that decide a split, as logged: what reuse compares."""
+    return {"data_dir": data_dir, "seed": seed, "strategy": strategy, "val_fraction": val_fraction,
+            "test_fraction": test_fraction, "drop_missing_images": drop_missing_images}
 
 
 def run_split(
@@ -65,22 +76,15 @@ def run_split(
     experiment: str | None = None,
 ) -> SplitRef:
     """Make a patient-level split, log manifest and summary to a new run, and return it."""
+    strategy = canonical_split_strategy(strategy)
     frame = load_metadata(data_dir, drop_missing_images=drop_missing_images)
     manifest = patient_level_split(frame, val_fraction, test_fraction, seed=seed, strategy=strategy)
     digest = manifest_hash(manifest)
     summary = split_summary(manifest)
     with tracking.start_run("split", experiment=experiment, run_name=f"split-{strategy}-{seed}",
                             tags={tracking.TAG_SPLIT_HASH: digest}) as run:
-        tracking.log_params(
-            {
-                "data_dir": frame.attrs["data_dir"],
-                "seed": seed,
-                "strategy": strategy,
-                "val_fraction": val_fraction,
-                "test_fraction": test_fraction,
-                "drop_missing_images": drop_missing_images,
-            }
-        )
+        tracking.log_params(split_params(frame.attrs["data_dir"], seed, strategy, val_fraction, test_fraction,
+                                         drop_missing_images))
         mlflow.log_metrics(
             {
                 "n_images": len(manifest),
@@ -96,7 +100,8 @@ def run_split(
         log_dataset_inputs(manifest, frame.attrs["data_dir"])
         run_id = run.info.run_id
     print(f"split run {run_id}: manifest sha256 {digest[:12]}\n{summary.to_string()}")
-    return SplitRef(manifest=manifest, sha256=digest, run_id=run_id, source=f"runs:/{run_id}/{MANIFEST_ARTIFACT}")
+    return SplitRef(manifest=manifest, sha256=digest, run_id=run_id, source=f"runs:/{run_id}/{MANIFEST_ARTIFACT}",
+                    drop_missing_images=drop_missing_images)
 
 
 def load_split(split: str) -> SplitRef:
@@ -114,7 +119,9 @@ def load_split(split: str) -> SplitRef:
     path = tracking.download_artifact(split_run, MANIFEST_ARTIFACT)
     manifest = read_manifest(path)
     digest = manifest_hash(manifest)
-    recorded = client.get_run(split_run).data.tags.get(tracking.TAG_SPLIT_HASH)
+    split_run_data = client.get_run(split_run)
+    recorded = split_run_data.data.tags.get(tracking.TAG_SPLIT_HASH)
     if recorded and recorded != digest:
         raise ValueError(f"manifest of run {split_run} does not match its recorded hash: the artifact changed")
-    return SplitRef(manifest, digest, split_run, f"runs:/{split_run}/{MANIFEST_ARTIFACT}")
+    dropped = tracking.run_param(split_run_data, "drop_missing_images", "False") == "True"
+    return SplitRef(manifest, digest, split_run, f"runs:/{split_run}/{MANIFEST_ARTIFACT}", dropped)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
 from pathlib import Path
 
@@ -20,10 +22,20 @@ from skinml.evaluation.compare import (
 from skinml.evaluation.plots import save_figure
 
 
+def recipe_config(run: mlflow.entities.Run) -> str:
+    """A short hash of the run's resolved recipe (every ``recipe.*`` field but the preset name)."""
+    fields = sorted((k, tracking.run_param(run, k)) for k in run.data.params
+                    if k.startswith("recipe.") and k != "recipe.preset")
+    fields = sorted({k.removeprefix("resolved."): v for k, v in fields}.items())
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:8] if fields else "-"
+
+
 def run_row(run: mlflow.entities.Run) -> dict:
     """One evaluated training run as a comparison row (identifiers + test metrics)."""
     params, tags = run.data.params, run.data.tags
     return {
+        "config": recipe_config(run),
+        "split": tags.get(tracking.TAG_SPLIT_HASH, "")[:8] or "-",
         "run_id": run.info.run_id,
         "model": tags.get(tracking.TAG_MODEL, tracking.run_param(run, "model", "?")),
         "recipe": tags.get(tracking.TAG_RECIPE, "?"),
@@ -73,6 +85,10 @@ def compare_runs(run_ids: list[str] | None = None, experiments: list[str] | None
     if len(hashes) > 1:
         print(f"Warning: these runs used {len(hashes)} different splits; their test numbers are not comparable.")
     table, per_run = comparison_table(rows), per_run_table(rows)
+    for record in table[table["duplicate_seeds"]].to_dict("records"):
+        print(f"Warning: {record['model']} / {record['recipe']} (config {record['config']}) has repeated seeds "
+              f"{[s for s, c in record['seed_counts'].items() if c > 1]}: reruns are averaged in; pass run ids to "
+              "choose.")
     out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="skinml-compare-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "comparison.csv", index=False)

@@ -6,7 +6,7 @@ It has two phases on one patient-level split (phase 1 only with ``choose_default
    with one imbalance correction instead of two, at two backbone learning rates) is trained
    with the first seed; the candidate with the highest ``best_val_bacc`` becomes ``default``.
    The test split plays no part in the choice.
-2. **The comparison.** More seeds of ``default`` and of the original ``seed`` recipe;
+2. **The comparison.** More seeds of ``default`` and of the ``original`` recipe;
    ``image_only``, ``metadata_only`` and ``spatial_fusion`` with the default recipe; and the
    imbalance ablation (sampler / loss weights / both) of the default recipe.
 
@@ -30,14 +30,14 @@ import mlflow
 from skinml import tracking
 from skinml.training.recipe import PRESETS
 
-#: Candidates for the default recipe: changes to the original (``seed``) recipe.
+#: Candidates for the default recipe: changes to the ``original`` recipe.
 CANDIDATES: dict[str, dict[str, str]] = {
     "loss-lr1e-4": {"imbalance": "loss", "lr_backbone": "1e-4"},
     "sampler-lr1e-4": {"imbalance": "sampler", "lr_backbone": "1e-4"},
     "loss-lr3e-4": {"imbalance": "loss", "lr_backbone": "3e-4"},
     "sampler-lr3e-4": {"imbalance": "sampler", "lr_backbone": "3e-4"},
 }
-TAG_STUDY = "skinml.study"
+TAG_STUDY = "skinml.steps.study"
 
 
 @dataclass
@@ -108,11 +108,11 @@ def comparison_jobs(seeds: tuple[int, ...], recipe: str, overrides: dict[str, st
     default_imbalance = overrides.get("imbalance") or PRESETS[recipe].get("imbalance", "both")
     spatial = {**overrides, "backbone": "efficientnet_lite0", "model_options": json.dumps({"vit_pretrained": "none"})}
     jobs = [Job(f"default-s{first}", "cnn_fusion", recipe, first, dict(overrides), tag)]
-    jobs += [Job(f"seed-recipe-s{first}", "cnn_fusion", "seed", first)]
+    jobs += [Job(f"original-recipe-s{first}", "cnn_fusion", "original", first)]
     jobs += [Job(f"{m}-default-s{first}", m, recipe, first, dict(overrides), tag) for m in ("metadata_only", "image_only")]
     for seed in more[:1]:
         jobs += [Job(f"default-s{seed}", "cnn_fusion", recipe, seed, dict(overrides), tag),
-                 Job(f"seed-recipe-s{seed}", "cnn_fusion", "seed", seed)]
+                 Job(f"original-recipe-s{seed}", "cnn_fusion", "original", seed)]
     for imbalance in ("sampler", "loss", "both"):
         if imbalance != default_imbalance and imbalance not in done_imbalance:
             jobs.append(Job(f"default-imbalance-{imbalance}-s{first}", "cnn_fusion", recipe, first,
@@ -120,7 +120,7 @@ def comparison_jobs(seeds: tuple[int, ...], recipe: str, overrides: dict[str, st
     jobs.append(Job(f"spatial_fusion-default-s{first}", "spatial_fusion", recipe, first, spatial, tag))
     for seed in more[1:]:
         jobs += [Job(f"default-s{seed}", "cnn_fusion", recipe, seed, dict(overrides), tag),
-                 Job(f"seed-recipe-s{seed}", "cnn_fusion", "seed", seed)]
+                 Job(f"original-recipe-s{seed}", "cnn_fusion", "original", seed)]
     return jobs
 
 
@@ -133,7 +133,7 @@ def run_study(data_dir: str | None = None, seeds: tuple[int, ...] = (42, 43, 44)
     Without ``choose_default`` the ``default`` preset in :mod:`skinml.training.recipe` is used
     as it stands (it was chosen by phase 1 once; see the README).
     """
-    from skinml.pipeline import run_split
+    from skinml.steps.split import run_split
 
     study = study or time.strftime("study-%Y%m%d-%H%M%S")
     logs_dir = Path(logs)
@@ -147,7 +147,7 @@ def run_study(data_dir: str | None = None, seeds: tuple[int, ...] = (42, 43, 44)
     summary: dict = {"study": study, "split_run_id": split}
 
     if choose_default:
-        candidates = [Job(f"candidate-{name}-s{first}", "cnn_fusion", "seed", first, {**overrides, **values},
+        candidates = [Job(f"candidate-{name}-s{first}", "cnn_fusion", "original", first, {**overrides, **values},
                           f"candidate:{name}") for name, values in CANDIDATES.items()]
         _run_all(candidates, parallel, **common)
         client = mlflow.MlflowClient()
@@ -164,7 +164,7 @@ def run_study(data_dir: str | None = None, seeds: tuple[int, ...] = (42, 43, 44)
         same_lr = [j for _b, j in scored if j.overrides["lr_backbone"] == chosen["lr_backbone"]]
         for job in same_lr:
             client.set_tag(job.run_id, tracking.TAG_RECIPE, "default")
-        jobs = comparison_jobs(seeds, "seed", {**overrides, **chosen}, "default",
+        jobs = comparison_jobs(seeds, "original", {**overrides, **chosen}, "default",
                                frozenset(j.overrides["imbalance"] for j in same_lr))
         jobs = [j for j in jobs if j.name != f"default-s{first}"]  # the winner is that run
     else:

@@ -1,7 +1,6 @@
-"""``skinml register``, ``skinml predict`` and ``skinml score``, attached to the ``skinml`` group.
+"""``skinml register``, ``skinml predict``, ``skinml score`` and ``skinml benchmark-serving``.
 
-Imported at the end of :mod:`skinml.cli`; heavy imports (torch, MLflow) happen inside the
-commands so ``skinml --help`` stays fast.
+Heavy imports (torch, MLflow) happen inside the commands so ``skinml --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -11,11 +10,12 @@ import json
 
 import click
 
-from skinml.cli import _empty_to_none, _friendly_errors, cli
+from skinml import constants
+from skinml.cli.common import empty_to_none as _empty_to_none
+from skinml.cli.common import friendly_errors as _friendly_errors
+from skinml.cli.common import model_name_option as name_option
 from skinml.data import schema
-from skinml.data.images import DEFAULT_MAX_PIXELS
-
-DEFAULT_MODEL_NAME = "skin-lesion-classifier"
+from skinml.data.image_config import DEFAULT_MAX_PIXELS
 
 
 def _serving_errors(func):
@@ -35,14 +35,10 @@ def _serving_errors(func):
     return _friendly_errors(wrapper)
 
 
-name_option = click.option("--name", default=DEFAULT_MODEL_NAME, show_default=True,
-                           callback=lambda _ctx, _param, value: value or DEFAULT_MODEL_NAME,
-                           help="Registered model name.")
-
-
-@cli.command()
+@click.command()
 @name_option
-@click.option("--metric", default="best_val_bacc", show_default=True, callback=lambda c, p, v: v or "best_val_bacc",
+@click.option("--metric", default=constants.SELECTION_METRIC, show_default=True,
+              callback=lambda c, p, v: v or constants.SELECTION_METRIC,
               help="Stepless validation summary that ranks training runs (best_val_loss is minimised). Test "
                    "metrics are refused.")
 @click.option("--family", default="fusion", show_default=True, callback=lambda c, p, v: v or "fusion",
@@ -63,7 +59,8 @@ def register(name, metric, family, model, recipe, run_id, experiments, force, ma
     """Register the best fusion training run (by validation) and move `champion` if it is better."""
     from mlflow.tracking import MlflowClient
 
-    from skinml import registry, tracking
+    from skinml import tracking
+    from skinml.steps import register as registry
 
     experiment_ids = None
     experiments = [e for e in experiments if e]
@@ -102,7 +99,7 @@ def _print_prediction(row, labels) -> None:
         click.echo(f"  warning: {message}", err=True)
 
 
-@cli.command()
+@click.command()
 @click.option("--image", "image_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Clinical photo (PNG or JPEG).")
 @_clinical_options
@@ -131,7 +128,7 @@ def predict(image_path, url, model_uri, name, top_k, as_json, **clinical):
         _print_prediction(row, [label for label in schema.LABELS if label in row])
 
 
-@cli.command()
+@click.command()
 @click.option("--data-dir", default=None, callback=_empty_to_none,
               help="Folder with metadata.csv and the photos (else $SKINML_DATA_DIR).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV to write.")
@@ -168,19 +165,39 @@ def score(data_dir, out, url, model_uri, name, batch_size, top_k, drop_missing_i
                    "'warnings' column", err=True)
 
 
-@cli.command("benchmark-serving")
+@click.command("benchmark-serving")
 @click.option("--url", default="http://127.0.0.1:5000", show_default=True, help="Running `mlflow models serve`.")
 @click.option("--data-dir", default=None, callback=_empty_to_none, help="PAD-UFES-20 folder with photos to send.")
-@click.option("--model-uri", default="models:/skin-lesion-classifier@champion", show_default=True,
+@click.option("--model-uri", default=f"models:/{constants.REGISTERED_MODEL_NAME}@{constants.CHAMPION_ALIAS}",
+              show_default=True,
               help="The model the server runs (its bare forward pass is timed too).")
-@click.option("--n-single", default=50, show_default=True, type=int)
-@click.option("--n-batch", default=5, show_default=True, type=int)
-@click.option("--batch-size", default=32, show_default=True, type=int)
-def benchmark_serving(url, data_dir, model_uri, n_single, n_batch, batch_size):
-    """Latency (median, p95) and throughput of a running server vs the bare model forward."""
+@click.option("--n-single", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--n-batch", default=5, show_default=True, type=click.IntRange(0))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--soak", "soak_requests", default=0, show_default=True, type=click.IntRange(0),
+              help="Instead: send this many single-photo requests one after another and record the "
+                   "server's resident memory (needs --server-pid).")
+@click.option("--server-pid", default=None, type=int, help="Process id of the server (its children count too).")
+@click.option("--every", default=500, show_default=True, type=click.IntRange(1), help="Soak: RSS sample interval.")
+def benchmark_serving(url, data_dir, model_uri, n_single, n_batch, batch_size, soak_requests, server_pid, every):
+    """Latency (median, p95) and throughput of a running server vs the bare model forward,
+    or (--soak N) the server's memory over N requests."""
     import json
 
-    from skinml.serving.benchmark import benchmark
+    if soak_requests:
+        if server_pid is None:
+            raise click.BadParameter("the soak needs the server's process id", param_hint="--server-pid")
+        from skinml.data.source import load_metadata
+        from skinml.serving import client
+        from skinml.serving.benchmark import soak
 
-    result = benchmark(url, data_dir, model_uri, n_single, n_batch, batch_size)
+        row = load_metadata(data_dir).iloc[[0]]
+        clinical = {k: v for k, v in row.drop(columns=["image_path"]).iloc[0].items()
+                    if k in client.request_fields() and not schema.is_missing(v)}
+        body = client.request_body(client.build_request([row["image_path"].iloc[0]], [clinical]))
+        result = soak(url, body, server_pid, n_requests=soak_requests, every=every)
+    else:
+        from skinml.serving.benchmark import benchmark
+
+        result = benchmark(url, data_dir, model_uri, n_single, n_batch, batch_size)
     click.echo(json.dumps(result, indent=2))

@@ -1,0 +1,42 @@
+"""``skinml evaluate`` and ``skinml compare``: scoring training runs on their own split."""
+
+from __future__ import annotations
+
+import click
+
+from skinml import constants
+from skinml.cli.common import data_dir_option, device_type, empty_to_none, friendly_errors
+
+
+@click.command()
+@click.option("--run-id", required=True, help="Training run to evaluate (its selected checkpoint).")
+@click.option("--split", "split_name", default="test", show_default=True, type=click.Choice(constants.EVALUATION_SPLITS))
+@data_dir_option
+@click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(0), help="Patient bootstrap resamples.")
+@click.option("--device", default="cpu", show_default=True, callback=device_type)
+@click.option("--explanations/--no-explanations", default=True, show_default=True,
+              help="Log the explanation gallery (heatmaps + metadata contributions per class).")
+@friendly_errors
+def evaluate(run_id, split_name, data_dir, n_boot, device, explanations):
+    """Score a training run on its split's test (or validation) rows and log everything."""
+    from skinml.steps.evaluate import evaluate_run
+
+    evaluate_run(run_id, split=split_name, data_dir=data_dir, n_boot=n_boot, device=device,
+                 explanations=explanations)
+
+
+@click.command()
+@click.argument("run_ids", nargs=-1)
+@click.option("--experiment", "experiments", multiple=True, help="Only runs of these experiments.")
+@click.option("--filter", "filter_string", default="", callback=lambda c, p, v: v or "",
+              help="Extra MLflow search filter, e.g. \"params.seed = '1'\".")
+@click.option("--out", default="outputs/compare", show_default=True, callback=empty_to_none,
+              help="Folder for the table and figure.")
+@click.option("--no-log", is_flag=True, help="Do not log the comparison as an MLflow run.")
+@friendly_errors
+def compare(run_ids, experiments, filter_string, out, no_log):
+    """Compare evaluated training runs (ids, or all finished ones): table + figure."""
+    from skinml.steps.compare import compare_runs
+
+    compare_runs(list(run_ids) or None, [e for e in experiments if e] or None, filter_string,
+                 out or "outputs/compare", log=not no_log)

@@ -1,0 +1,117 @@
+"""``skinml train``, ``skinml main``, ``skinml study`` and ``skinml models``."""
+
+from __future__ import annotations
+
+import click
+
+from skinml import constants
+from skinml.cli.common import (
+    OPT_BOOL,
+    build_recipe,
+    choice,
+    data_dir_option,
+    device_option,
+    empty_to_none,
+    experiment_option,
+    friendly_errors,
+    parse_pairs,
+    recipe_options,
+    split_strategy,
+)
+
+
+@click.command()
+@recipe_options
+@data_dir_option
+@click.option("--split", "split_ref", default=None, callback=empty_to_none,
+              help="Split run id (or manifest path); made with the defaults when omitted.")
+@click.option("--seed", default=42, show_default=True, type=int, help="Random seed of the training.")
+@click.option("--resume", default=None, callback=empty_to_none, help="Run id to continue from its last checkpoint.")
+@device_option
+@click.option("--num-workers", default=None, type=click.IntRange(0), help="DataLoader workers (default: by device).")
+@click.option("--run-name", default=None, callback=empty_to_none)
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Extra MLflow tag(s) for the run.")
+@experiment_option
+@friendly_errors
+def train(recipe, extra, data_dir, split_ref, seed, resume, device, num_workers, run_name, tags, experiment,
+          **overrides):
+    """Train a model on a patient-level split, tracked in MLflow."""
+    extra_tags = parse_pairs(tags, "--tag")
+    resolved = build_recipe(recipe, extra, **overrides)  # every option checked before anything is written
+    from skinml.steps.train import train as run_training
+
+    result = run_training(resolved, split=split_ref, data_dir=data_dir, seed=seed, resume=resume,
+                          experiment=experiment, device=device, num_workers=num_workers, run_name=run_name,
+                          extra_tags=extra_tags)
+    click.echo(
+        f"training run {result.run_id}: selected epoch {result.best_epoch} of {result.epochs_run} "
+        f"(val loss {result.best_val_loss:.4f}, val balanced accuracy {result.best_val_bacc:.3f})"
+    )
+
+
+@click.command("main")
+@recipe_options
+@data_dir_option
+@click.option("--seed", default=42, show_default=True, type=int, help="Random seed of the training.")
+@click.option("--split-seed", default=42, show_default=True, type=int, help="Random seed of the split.")
+@click.option("--split-strategy", default="stratified", show_default=True, callback=split_strategy,
+              type=choice(constants.SPLIT_STRATEGIES, deprecated=constants.DEPRECATED_SPLIT_STRATEGIES, optional=True))
+@click.option("--reuse", type=OPT_BOOL, default=False, show_default=True,
+              help="true: reuse steps that already finished with the same inputs and code.")
+@click.option("--register", type=OPT_BOOL, default=True, show_default=True, help="false: stop after evaluation.")
+@click.option("--model-name", default=None, callback=empty_to_none, help="Registered model name.")
+@device_option
+@click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(0))
+@experiment_option
+@friendly_errors
+def main_pipeline(recipe, extra, data_dir, seed, split_seed, split_strategy, reuse, register, model_name, device,
+                  n_boot, experiment, **overrides):
+    """The main job: split -> train -> evaluate -> register, as one parent run."""
+    resolved = build_recipe(recipe, extra, **overrides)
+    from skinml.steps.main import run_main
+
+    run_main(resolved, data_dir=data_dir, seed=seed, split_seed=split_seed, split_strategy=split_strategy,
+             reuse=bool(reuse), register=register is not False, model_name=model_name, device=device, n_boot=n_boot,
+             experiment=experiment)
+
+
+@click.command()
+@data_dir_option
+@click.option("--seeds", default="42,43,44", show_default=True, help="Comma-separated seeds.")
+@click.option("--parallel", default=1, show_default=True, type=click.IntRange(1), help="Jobs at a time.")
+@click.option("--num-workers", default=1, show_default=True, type=click.IntRange(0), help="DataLoader workers per job.")
+@device_option
+@click.option("--split", "split_ref", default=None, callback=empty_to_none, help="Split run id (default: a new one).")
+@click.option("--logs", default="outputs/study", show_default=True)
+@click.option("--set", "extra", multiple=True, metavar="KEY=VALUE", help="Recipe override for every job.")
+@click.option("--choose-default", is_flag=True,
+              help="First train the default-recipe candidates and pick the best by validation balanced accuracy.")
+@friendly_errors
+def study(data_dir, seeds, parallel, num_workers, device, split_ref, logs, extra, choose_default):
+    """Run the README's study: train and evaluate every compared configuration."""
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expects comma-separated integers, got {seeds!r}", param_hint="--seeds") from None
+    overrides = parse_pairs(extra, "--set")
+    from skinml.steps.study import run_study
+
+    run_study(data_dir, seed_list, parallel, device, num_workers, split_ref, logs, overrides=overrides,
+              choose_default=choose_default)
+
+
+@click.command("models")
+@click.option("--num-metadata-features", default=None, type=click.IntRange(1),
+              help="Metadata width (default: that of the default preprocessor).")
+def list_models(num_metadata_features):
+    """List the available models with their parameter counts (default options)."""
+    from skinml.models import describe_models
+
+    if num_metadata_features is None:
+        from skinml.data.preprocess import MetadataPreprocessor
+
+        num_metadata_features = len(MetadataPreprocessor().input_columns)
+    rows = describe_models(num_metadata_features)
+    click.echo(f"{'model':<16}{'family':<10}{'parameters':>14}  backbone")
+    for row in rows:
+        click.echo(f"{row['name']:<16}{row['family']:<10}{row['parameters']:>14,}  {row['backbone']}")

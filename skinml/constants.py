@@ -1,0 +1,56 @@
+"""Names shared by the library and the command line, defined once and cheap to import.
+
+The CLI builds its typed options (``click.Choice``) from these, so ``skinml --help`` needs no
+torch; the library checks against the same tuples (and a test checks that the model registry
+and the recipe presets agree with them).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+#: Registered architectures, in the order ``skinml models`` lists them.
+MODEL_NAMES: tuple[str, ...] = ("cnn_fusion", "spatial_fusion", "image_only", "metadata_only")
+MODEL_FAMILIES: tuple[str, ...] = ("fusion", "baseline")
+
+#: Recipe presets: ``default`` (chosen on validation) and ``original`` (the status report's).
+RECIPE_PRESETS: tuple[str, ...] = ("default", "original")
+IMBALANCE_CHOICES: tuple[str, ...] = ("sampler", "loss", "both", "none")
+METADATA_ENCODINGS: tuple[str, ...] = ("ordinal", "onehot")
+#: Where training augments: per image in DataLoader workers, or per batch on the training device.
+AUGMENT_DEVICES: tuple[str, ...] = ("workers", "batch")
+
+#: Patient-level split strategies: class-stratified, or a plain random split of patient ids.
+SPLIT_STRATEGIES: tuple[str, ...] = ("stratified", "random")
+EVALUATION_SPLITS: tuple[str, ...] = ("test", "val")
+
+#: Where runs land (``mlflow run`` and ``skinml`` alike) and what the registry calls the model.
+EXPERIMENT_NAME = "skinml"
+REGISTERED_MODEL_NAME = "skin-lesion-classifier"
+CHAMPION_ALIAS = "champion"
+SELECTION_METRIC = "best_val_bacc"
+
+#: Old names kept for one release: "seed" meant the original recipe and the random split, which
+#: collided with the RNG seed.
+DEPRECATED_RECIPE_NAMES = {"seed": "original"}
+DEPRECATED_SPLIT_STRATEGIES = {"seed": "random"}
+
+
+def canonical_recipe(name: str) -> str:
+    """The preset name, mapping a deprecated one with a warning."""
+    if name in DEPRECATED_RECIPE_NAMES:
+        new = DEPRECATED_RECIPE_NAMES[name]
+        warnings.warn(f"recipe '{name}' is deprecated and will be removed in the next release; use '{new}'",
+                      FutureWarning, stacklevel=3)
+        return new
+    return name
+
+
+def canonical_split_strategy(name: str) -> str:
+    """The split strategy name, mapping a deprecated one with a warning."""
+    if name in DEPRECATED_SPLIT_STRATEGIES:
+        new = DEPRECATED_SPLIT_STRATEGIES[name]
+        warnings.warn(f"split strategy '{name}' is deprecated and will be removed in the next release; use '{new}'",
+                      FutureWarning, stacklevel=3)
+        return new
+    return name

@@ -1,0 +1,162 @@
+"""Everything a training needs before its first epoch: data, model, loaders, loss.
+
+Each function is one step of :func:`skinml.steps.train.train`, usable on its own (tests, the
+sweep, benchmarks). No MLflow in here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from skinml.data.dataset import LesionDataset, SplitArrays, build_split_arrays
+from skinml.data.preprocess import MetadataPreprocessor
+from skinml.data.source import load_metadata
+from skinml.data.split import attach_split
+from skinml.data.transforms import ImageConfig, build_eval_transform, build_train_transform
+from skinml.models import SkinClassifier, create_model, model_class
+from skinml.training.augment import BatchAugment
+from skinml.training.imbalance import make_loss, make_sampler
+from skinml.training.loaders import default_num_workers
+from skinml.training.recipe import Recipe
+
+
+@dataclass
+class TrainingData:
+    """The rows of a split with the preprocessor fitted on its training rows only."""
+
+    frame: pd.DataFrame  # every row of the split, with its ``split`` column
+    preprocessor: MetadataPreprocessor
+    train: pd.DataFrame
+    val: pd.DataFrame
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """Fail on an unknown model, option or backbone before any split, run or decode happens."""
+    from skinml.models.backbones import check_backbone_name
+    from skinml.models.registry import model_options as accepted_options
+
+    cls = model_class(recipe.model)
+    options = model_options(recipe)
+    unknown = sorted(set(options) - set(accepted_options(recipe.model)))
+    if unknown:
+        raise ValueError(f"unknown option(s) for model {recipe.model!r}: {', '.join(unknown)}")
+    if cls.backbone_option and options.get(cls.backbone_option):
+        check_backbone_name(options[cls.backbone_option], cls.backbone_option)
+
+
+def prepare_data(recipe: Recipe, manifest: pd.DataFrame, data_dir: str | None,
+                 drop_missing_images: bool = False) -> TrainingData:
+    frame = attach_split(load_metadata(data_dir, drop_missing_images=drop_missing_images), manifest)
+    train, val = (frame[frame["split"] == name] for name in ("train", "val"))
+    preprocessor = MetadataPreprocessor(recipe.include_biopsed, recipe.missing_indicators, recipe.metadata_encoding)
+    preprocessor.fit(train)
+    return TrainingData(frame, preprocessor, train, val)
+
+
+def model_options(recipe: Recipe) -> dict[str, Any]:
+    """Recipe -> create_model options; the model class says which option takes the backbone."""
+    options = dict(recipe.model_options)
+    cls = model_class(recipe.model)
+    if cls.backbone_option:
+        if recipe.backbone:
+            options.setdefault(cls.backbone_option, recipe.backbone)
+        options.setdefault("pretrained", recipe.pretrained)
+    return options
+
+
+def build_model(recipe: Recipe, preprocessor: MetadataPreprocessor) -> tuple[SkinClassifier, ImageConfig | None]:
+    """The model and, if it looks at the photo, the image view its weights expect."""
+    model = create_model(recipe.model, preprocessor.n_features_out, **model_options(recipe))
+    if not model.uses_images:
+        return model, None
+    data_config = model.data_config
+    return model, ImageConfig(image_size=recipe.image_size, mean=tuple(data_config["mean"]),
+                              std=tuple(data_config["std"]))
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """A seed for one random stream of one epoch, independent of what earlier epochs drew."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0])
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    train_arrays: SplitArrays
+    val_arrays: SplitArrays
+    sampler_generator: torch.Generator
+    loader_generator: torch.Generator
+    num_workers: int
+    seed: int
+    #: Batched augmentation on the training device (``augment_device="batch"``), else None.
+    batch_augment: BatchAugment | None = None
+    augment_generator: torch.Generator | None = None
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """The training view of a uint8 batch already on the device (identity without batching)."""
+        if self.batch_augment is None:
+            return images
+        return self.batch_augment(images, self.augment_generator)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seed the epoch's sampling order and worker seeds from (seed, epoch).
+
+        Workers are started anew each epoch and take their seeds from the loader generator, so
+        an epoch draws the same augmentations whether the run was resumed before it or not,
+        with any number of workers.
+        """
+        self.sampler_generator.manual_seed(epoch_seed(self.seed, epoch, 0))
+        self.loader_generator.manual_seed(epoch_seed(self.seed, epoch, 1))
+        if self.augment_generator is not None:
+            self.augment_generator.manual_seed(epoch_seed(self.seed, epoch, 2))
+
+
+def build_loaders(recipe: Recipe, data: TrainingData, image_config: ImageConfig | None, device: torch.device,
+                  seed: int, num_workers: int | None = None, cache_images: bool = True) -> Loaders:
+    """Decode each split once (cached), then the augmenting train loader and the val loader."""
+    uses_images = image_config is not None
+    train_size = (recipe.augment.resize or recipe.image_size) if uses_images else None
+    train_arrays = build_split_arrays(data.train, data.preprocessor, train_size, cache=cache_images)
+    val_arrays = build_split_arrays(data.val, data.preprocessor, recipe.image_size if uses_images else None,
+                                    cache=cache_images)
+    batched = uses_images and recipe.augment_device == "batch"
+    # Batched: the loader only stacks uint8 crops; augmentation happens on the device.
+    train_tf = build_train_transform(image_config, recipe.augment) if uses_images and not batched else None
+    eval_tf = build_eval_transform(image_config) if uses_images else None
+    sampler_gen = torch.Generator().manual_seed(seed)
+    loader_gen = torch.Generator().manual_seed(seed + 1)
+    workers = default_num_workers(device) if num_workers is None else num_workers
+    workers = workers if uses_images else 0
+    pin = device.type == "cuda"
+    use_sampler = recipe.imbalance in ("sampler", "both")
+    train_loader = DataLoader(
+        LesionDataset(train_arrays.images, train_arrays.metadata, train_arrays.labels, train_tf),
+        batch_size=recipe.batch_size,
+        sampler=make_sampler(train_arrays.labels, sampler_gen) if use_sampler else None,
+        shuffle=not use_sampler,
+        generator=loader_gen,
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=False,  # restarted each epoch: see Loaders.set_epoch
+        drop_last=len(train_arrays.labels) > recipe.batch_size,  # BatchNorm needs >1 row per batch
+    )
+    val_loader = DataLoader(
+        LesionDataset(val_arrays.images, val_arrays.metadata, val_arrays.labels, eval_tf),
+        batch_size=max(64, recipe.batch_size), shuffle=False, num_workers=0, pin_memory=pin,
+    )
+    loaders = Loaders(train_loader, val_loader, train_arrays, val_arrays, sampler_gen, loader_gen, workers, seed)
+    if batched:
+        loaders.batch_augment = BatchAugment(image_config, recipe.augment)
+        loaders.augment_generator = torch.Generator().manual_seed(epoch_seed(seed, 0, 2))
+    return loaders
+
+
+def build_criterion(recipe: Recipe, loaders: Loaders, device: torch.device):
+    return make_loss(loaders.train_arrays.labels, recipe.imbalance, recipe.label_smoothing).to(device)

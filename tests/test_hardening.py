@@ -1,0 +1,140 @@
+"""Issue-level guarantees: resume keeps its promise, names are checked first, the split's
+choices reach every step, and only the chosen recipe competes for the champion alias."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlflow
+import pandas as pd
+import pytest
+
+from skinml import inference, tracking
+from skinml.data.preprocess import MetadataPreprocessor
+from skinml.data.source import load_metadata
+from skinml.data.split import attach_split, read_manifest
+from skinml.steps import register as registry
+from skinml.steps.evaluate import evaluate_run
+from skinml.steps.split import MANIFEST_ARTIFACT, run_split
+from skinml.steps.train import train
+from skinml.training.recipe import Recipe
+from tests.test_training import tiny
+
+
+def _runs() -> list:
+    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def test_unknown_model_or_backbone_fails_before_any_run_or_split(mlflow_store, synthetic_dir):
+    with pytest.raises(ValueError, match="Unknown model 'nope'.*cnn_fusion"):
+        train(Recipe(model="nope"), data_dir=str(synthetic_dir))
+    with pytest.raises(ValueError, match="no_such_backbone_xyz"):
+        train(tiny(backbone="no_such_backbone_xyz"), data_dir=str(synthetic_dir))
+    assert _runs() == []  # not even the default split was made
+
+
+def test_evaluate_unknown_run_is_one_line(mlflow_store):
+    with pytest.raises(tracking.RunNotFound, match="no run 'deadbeef' in the tracking store sqlite:"):
+        evaluate_run("deadbeef")
+
+
+def test_resume_with_workers_equals_the_unbroken_run(mlflow_store, synthetic_dir):
+    """Worker seeds and data order come from (seed, epoch), not from a generator's history."""
+    recipe = tiny(epochs=3)
+    whole = train(recipe, data_dir=str(synthetic_dir), seed=5, num_workers=1)
+    split = mlflow.MlflowClient().get_run(whole.run_id).data.params["split_run_id"]
+    cut = train(recipe, data_dir=str(synthetic_dir), split=split, seed=5, num_workers=1, max_epochs_this_call=1)
+    resumed = train(recipe, data_dir=str(synthetic_dir), resume=cut.run_id, num_workers=1)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert [h["val_loss"] for h in resumed.history] == pytest.approx([h["val_loss"] for h in whole.history], abs=1e-6)
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx([h["train_loss"] for h in whole.history],
+                                                                      abs=1e-6)
+
+
+def test_resume_into_a_new_run_keeps_the_selected_epoch(mlflow_store, synthetic_dir, monkeypatch):
+    """Under `mlflow run -e train -P resume=<id>` MLflow makes a new run: it must be complete."""
+    recipe = tiny(epochs=3, lr_head=0.5, lr_backbone=0.5)  # diverges: the best epoch comes first
+    cut = train(recipe, data_dir=str(synthetic_dir), seed=0, num_workers=0, max_epochs_this_call=2)
+    assert cut.best_epoch <= 2
+    client = mlflow.MlflowClient()
+    outer = client.create_run(tracking.get_experiment_id()).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", outer)
+    resumed = train(recipe, data_dir=str(synthetic_dir), resume=cut.run_id, num_workers=0)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)  # adopted (and cleared) by the run, as under `mlflow run`
+    assert resumed.run_id == outer and resumed.epochs_run == 3
+    run = client.get_run(outer)
+    assert run.data.metrics["best_epoch"] == cut.best_epoch
+    paths = {a.path for folder in ("checkpoints", "validation") for a in client.list_artifacts(outer, folder)}
+    assert {inference.BEST, inference.LAST, "validation/confusion_matrix.json"} <= paths
+    best = inference.load_checkpoint(tracking.download_artifact(outer, inference.BEST))
+    assert best["epoch"] == cut.best_epoch
+    matrix = json.loads(tracking.download_artifact(outer, "validation/confusion_matrix.json").read_text())
+    assert matrix["epoch"] == cut.best_epoch
+    assert sorted(m.step for m in client.get_metric_history(outer, "val_loss")) == [1, 2, 3]
+    evaluate_run(outer, n_boot=20)  # evaluate and register work on the new run alone
+    assert "test_balanced_accuracy" in client.get_run(outer).data.metrics
+    assert registry.register_run(outer, name="resumed")["registered"]
+
+
+def test_logged_preprocessor_is_a_fit_on_the_manifest_training_rows(mlflow_store, synthetic_dir):
+    result = train(tiny(model="metadata_only", epochs=1), data_dir=str(synthetic_dir), seed=0)
+    run = mlflow.MlflowClient().get_run(result.run_id)
+    logged = json.loads(tracking.download_artifact(result.run_id, "preprocessor.json").read_text())
+    manifest = read_manifest(tracking.download_artifact(run.data.params["split_run_id"], MANIFEST_ARTIFACT))
+    frame = attach_split(load_metadata(synthetic_dir), manifest)
+    on_train = MetadataPreprocessor().fit(frame[frame["split"] == "train"]).to_dict()
+    on_all = MetadataPreprocessor().fit(frame).to_dict()
+    assert logged == json.loads(json.dumps(on_train))
+    assert logged != json.loads(json.dumps(on_all))  # the check can tell the two apart
+
+
+def test_drop_missing_images_reaches_train_and_evaluate(mlflow_store, synthetic_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    frame = pd.read_csv(data / "metadata.csv")
+    missing = frame["img_id"].iloc[3]
+    next(data.rglob(missing)).unlink()
+    with pytest.raises(ValueError, match=missing.split(".")[0]):
+        run_split(str(data))
+    split = run_split(str(data), drop_missing_images=True)
+    assert len(split.manifest) == len(frame) - 1
+    result = train(tiny(epochs=1), split=split.run_id, data_dir=str(data), seed=0, num_workers=0)
+    evaluated = evaluate_run(result.run_id, n_boot=20)
+    assert missing not in set(evaluated.predictions["img_id"])
+
+
+def _finished_training(checkpoint: str, bacc: float, recipe: str, overrides: str = "") -> str:
+    tags = {tracking.TAG_FAMILY: "fusion", tracking.TAG_MODEL: "cnn_fusion", tracking.TAG_RECIPE: recipe,
+            tracking.TAG_SPLIT_HASH: "ab" * 32, tracking.TAG_RECIPE_OVERRIDES: overrides}
+    with tracking.start_run("train", tags=tags) as run:
+        mlflow.log_metrics({"best_val_bacc": bacc, "best_val_loss": 1.0, "best_epoch": 1})
+        mlflow.log_artifact(checkpoint, "checkpoints")
+    return run.info.run_id
+
+
+def test_only_the_chosen_recipe_takes_the_alias(mlflow_store, tiny_training):
+    default = _finished_training(tiny_training.checkpoint, 0.50, "default")
+    original = _finished_training(tiny_training.checkpoint, 0.90, "original")
+    ablation = _finished_training(tiny_training.checkpoint, 0.95, "default", overrides="imbalance")
+    first = registry.register_run(default, name="m", champion_recipe="default")
+    assert first["alias_moved"]
+    for run_id, why in ((original, "recipe 'original' is not the validation-chosen 'default'"),
+                        (ablation, "with overrides (imbalance)")):
+        info = registry.register_run(run_id, name="m", champion_recipe="default")
+        assert info["registered"] and not info["alias_moved"] and why in info["reason"]
+        assert info["champion_version"] == first["version"]
+    # `register --recipe default` does not pick the ablation either, however high it scores.
+    assert registry.select_best_run(recipe="default").info.run_id == default
+
+
+def test_batched_augmentation_trains_reproducibly(mlflow_store, synthetic_dir):
+    """augment_device=batch: the loader yields uint8 crops, the device augments; same seed, same run."""
+    recipe = tiny(epochs=2, augment_device="batch")
+    first = train(recipe, data_dir=str(synthetic_dir), seed=1, num_workers=0)
+    split = mlflow.MlflowClient().get_run(first.run_id).data.params["split_run_id"]
+    again = train(recipe, data_dir=str(synthetic_dir), split=split, seed=1, num_workers=0)
+    assert [h["val_loss"] for h in again.history] == pytest.approx([h["val_loss"] for h in first.history], abs=1e-6)
+    workers = train(tiny(epochs=2), data_dir=str(synthetic_dir), split=split, seed=1, num_workers=0)
+    assert [h["train_loss"] for h in workers.history] != [h["train_loss"] for h in first.history]
+    assert mlflow.MlflowClient().get_run(first.run_id).data.params["recipe.augment_device"] == "batch"
