@@ -20,10 +20,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow.exceptions import MlflowException
-from mlflow.types.schema import DataType
 from PIL import Image
 
-from skinml import registry, tracking
+from skinml import inference, tracking
 from skinml.data import schema
 from skinml.data.preprocess import MetadataPreprocessor
 from skinml.data.source import load_metadata
@@ -35,10 +34,11 @@ from skinml.serving.schema import (
     format_predictions,
     input_example,
     model_signature,
+    request_columns,
     validate_request,
     validate_top_k,
 )
-from skinml.training import checkpoints
+from skinml.steps import register as registry
 
 TOLERANCE = 1e-5
 PIXEL_LIMIT = 1_000_000  # small enough that a 1200x1000 photo is refused
@@ -89,12 +89,10 @@ def clinical_records(frame: pd.DataFrame) -> list[dict]:
 
 
 def expected_probabilities(checkpoint: str, frame: pd.DataFrame) -> np.ndarray:
-    """What evaluation computes: the checkpoint's bundle, prepare_image and the preprocessor."""
-    bundle = checkpoints.build_inference_bundle(checkpoints.load(checkpoint))
-    images = torch.stack([prepare_image(path, bundle.image_config) for path in frame["image_path"]])
-    metadata = torch.from_numpy(bundle.preprocessor.transform(frame))
-    with torch.no_grad():
-        return torch.softmax(bundle.model(images, metadata), dim=1).numpy()
+    """What `skinml evaluate` computes for these rows: its own scoring function, on a fresh
+    image cache, so serving is compared with evaluation and not with a copy of itself."""
+    bundle = inference.load_bundle(checkpoint)
+    return inference.score_frame(bundle, frame.reset_index(drop=True), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +124,11 @@ def test_valid_request_encodes_like_evaluation(fitted, metadata_frame):
     expected_images = torch.stack([prepare_image(p, config) for p in rows["image_path"]])
     assert torch.equal(valid.images, expected_images)
     np.testing.assert_array_equal(valid.metadata, preprocessor.transform(rows))
-    assert valid.warnings == [[]] * 5
+    # No unknown values; the only warnings name the fields each row leaves out (imputed).
+    for row, fields, warnings in zip(range(5), clinical_records(rows), valid.warnings):
+        left_out = [c for c in preprocessor.input_columns if c not in fields]
+        assert warnings == ([f"row {row}: {len(left_out)} clinical field(s) missing, imputed from the training data: "
+                             f"{', '.join(left_out)}"] if left_out else [])
 
 
 def test_json_types_missing_fields_and_unk(fitted, photo):
@@ -150,7 +152,8 @@ def test_json_types_missing_fields_and_unk(fitted, photo):
     expected = imputed.copy()
     expected[names.index("itch")] = preprocessor.vocabularies_["itch"].index("UNK") + 1  # a real category there
     np.testing.assert_array_equal(unk.metadata[0], expected)
-    assert unk.warnings == [[]]
+    assert len(unk.warnings[0]) == 1 and "itch" not in unk.warnings[0][0].split(": ")[-1].split(", ")  # UNK is an itch
+    assert {"age", "smoke"} <= set(unk.warnings[0][0].split(": ")[-1].split(", "))  # value; elsewhere imputed
 
 
 def test_unknown_category_is_accepted_with_a_warning(fitted, photo):
@@ -160,9 +163,9 @@ def test_unknown_category_is_accepted_with_a_warning(fitted, photo):
     region = preprocessor.get_feature_names_out().index("region")
     assert valid.metadata[1, region] == 0.0  # code 0 = never seen in training
     assert valid.metadata[0, region] == preprocessor.vocabularies_["region"].index("BACK") + 1
-    assert valid.warnings[0] == []
-    assert len(valid.warnings[1]) == 1
+    assert not any("region=" in w for w in valid.warnings[0])
     assert valid.warnings[1][0].startswith("row 1: region='MARS' is not a known value")
+    assert not any("region=" in w for w in valid.warnings[1][1:])  # the rest: imputed fields
 
 
 def test_base64_variants_decode_to_the_same_photo(fitted, photo):
@@ -176,25 +179,26 @@ def test_base64_variants_decode_to_the_same_photo(fitted, photo):
 
 
 BAD_REQUESTS = {
-    "no image column": (lambda p: pd.DataFrame([{"age": 50}]), None, "image", "request has no 'image' field"),
+    "no image column": (lambda p: pd.DataFrame([{"age": 50}]), 0, "image",
+                        "row 0, field 'image': missing: the request has no 'image' field"),
     "image missing in a row": (lambda p: pd.DataFrame({"image": [b64(p), None]}), 1, "image",
-                               "row 1: field 'image' is missing"),
+                               "row 1, field 'image': missing"),
     "invalid base64": (lambda p: pd.DataFrame({"image": ["not base64!!"]}), 0, "image",
-                       "row 0: field 'image' is not valid base64"),
+                       "row 0, field 'image': not valid base64"),
     "invalid url-safe base64": (lambda p: pd.DataFrame({"image": [b64(p), "%%bad-base64_"]}), 1, "image",
-                                "row 1: field 'image' is not valid base64"),
+                                "row 1, field 'image': not valid base64"),
     "not an image": (lambda p: pd.DataFrame({"image": [b64(b"hello world, not a PNG")]}), 0, "image",
                      "not a readable PNG/JPEG"),
     "image not a string": (lambda p: pd.DataFrame({"image": [12345]}), 0, "image",
-                           "row 0: field 'image' must be a base64 string"),
+                           "row 0, field 'image': must be a base64 string"),
     "too many pixels": (lambda p: pd.DataFrame({"image": [b64(p), b64(png_bytes(1200, 1000))]}), 1, "image",
                         "1200x1000 = 1,200,000 pixels, above the limit of 1,000,000"),
     "age not a number": (lambda p: pd.DataFrame([{"image": b64(p), "age": "abc"}]), 0, "age",
-                         "row 0: age must be a number, got 'abc'"),
+                         "row 0, field 'age': must be a number, got 'abc'"),
     "negative age": (lambda p: pd.DataFrame([{"image": b64(p), "age": -4}]), 0, "age",
-                     "row 0: age=-4 is out of range"),
+                     "row 0, field 'age': -4 is out of range"),
     "negative diameter": (lambda p: pd.DataFrame({"image": [b64(p)] * 2, "diameter_2": [3.0, -0.5]}), 1,
-                          "diameter_2", "row 1: diameter_2=-0.5 is out of range"),
+                          "diameter_2", "row 1, field 'diameter_2': -0.5 is out of range"),
     "empty request": (lambda p: pd.DataFrame({"image": []}), None, None, "empty request"),
 }
 
@@ -213,7 +217,7 @@ def test_request_limits(fitted, photo):
     preprocessor, config = fitted
     with pytest.raises(RequestError, match="3 rows, above the limit of 2"):
         validate_request(pd.DataFrame({"image": [b64(photo)] * 3}), preprocessor, config, ServingLimits(max_rows=2))
-    with pytest.raises(RequestError, match="row 0: field 'image' holds .* above the limit of 100"):
+    with pytest.raises(RequestError, match="row 0, field 'image': holds .* above the limit of 100"):
         validate_request(pd.DataFrame({"image": [b64(photo)]}), preprocessor, config,
                          ServingLimits(max_image_bytes=100))
 
@@ -235,14 +239,14 @@ def test_top_k_and_response_columns():
     assert out.loc[7, "probability"] == 0.5 and out.loc[7, "warnings"] == ["w"]
 
 
-def test_signature_marks_clinical_columns_optional(fitted):
+def test_signature_leaves_input_columns_to_the_model(fitted):
     preprocessor, _ = fitted
     signature = model_signature(preprocessor)
-    inputs = {spec.name: spec for spec in signature.inputs.inputs}
-    assert inputs["image"].required and inputs["image"].type == DataType.string
-    assert set(inputs) == {"image", *preprocessor.input_columns}
-    assert not any(spec.required for name, spec in inputs.items() if name != "image")
-    assert signature.params.to_dict() == [{"name": "top_k", "type": "long", "default": 3, "shape": None}]
+    # A named input schema would let MLflow drop misspelled columns before the model sees them.
+    assert signature.inputs is None
+    assert request_columns(preprocessor) == ["image", *preprocessor.input_columns]
+    assert {p["name"]: p["default"] for p in signature.params.to_dict()} == {
+        "top_k": 3, "explain": False, "allow_extra_columns": False}
     assert {s.name for s in signature.outputs.inputs} >= {"label", "probability", *schema.LABELS}
     example = input_example(preprocessor)
     assert list(example.columns)[0] == "image" and example.loc[0, "age"] == "55"
@@ -274,7 +278,7 @@ def test_registered_model_equals_evaluation_from_another_directory(served, metad
     with pytest.raises(MlflowException) as caught:
         model.predict(request.assign(age=["abc"] + ["50"] * 11))
     assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
-    assert "row 0: age must be a number, got 'abc'" in caught.value.message
+    assert caught.value.message.startswith("row 0, field 'age': must be a number, got 'abc'")
 
 
 def test_cli_predict_and_score_in_process(served, metadata_frame, synthetic_dir, tmp_path):
@@ -296,7 +300,7 @@ def test_cli_predict_and_score_in_process(served, metadata_frame, synthetic_dir,
 
     bad = runner.invoke(cli, ["predict", "--image", row["image_path"].iloc[0], "--name", name, "--age", "-3"])
     assert bad.exit_code != 0 and "Traceback" not in bad.output
-    assert "row 0: age='-3' is out of range [0, 120]" in bad.output
+    assert "row 0, field 'age': '-3' is out of range [0, 120]" in bad.output
 
     out = tmp_path / "preds.csv"
     result = runner.invoke(cli, ["score", "--data-dir", str(synthetic_dir), "--out", str(out), "--name", name,
@@ -379,10 +383,12 @@ def test_mlflow_models_serve_end_to_end(served, metadata_frame, tmp_path, photo)
             assert np.abs(answer[list(schema.LABELS)].to_numpy() - expected).max() < TOLERANCE
             assert list(answer["label"]) == [schema.LABELS[i] for i in expected.argmax(axis=1)]
             assert [len(t) for t in answer["top_labels"]] == [2, 2, 2, 2]
-            assert answer["warnings"].iloc[3] == [
+            assert answer["warnings"].iloc[3][0] == (
                 "row 3: region='MARS' is not a known value (expected one of "
-                f"{', '.join(schema.REGIONS)}); scored as unknown"]
-            assert answer["warnings"].iloc[:3].map(len).tolist() == [0, 0, 0]
+                f"{', '.join(schema.REGIONS)}); scored as unknown")
+            assert not any("is not a known value" in w for ws in answer["warnings"].iloc[:3] for w in ws)
+            assert all("imputed from the training data" in w for ws in answer["warnings"] for w in ws
+                       if "is not a known value" not in w)
 
         # The `inputs` form (columns of values) gives the same answer.
         first_row = {column: [client._json_value(request.iloc[0][column])] for column in request.columns}
@@ -413,35 +419,38 @@ def test_mlflow_models_serve_end_to_end(served, metadata_frame, tmp_path, photo)
 
         image = b64(photo)
         bad = {
-            # A missing required column is refused by MLflow's schema enforcement, before predict.
-            "missing image field": ({"dataframe_records": [{"age": 50}]}, "Model is missing inputs ['image']"),
+            # The signature lists no input columns, so the model itself refuses a missing image.
+            "missing image field": ({"dataframe_records": [{"age": 50}]},
+                                    "row 0, field 'image': missing: the request has no 'image' field"),
             "null image": ({"dataframe_records": [{"image": image}, {"image": None, "age": 50}]},
-                           "row 1: field 'image' is missing"),
+                           "row 1, field 'image': missing"),
             "invalid base64": ({"dataframe_split": {"columns": ["image"], "data": [["%%%not base64"]]}},
-                               "row 0: field 'image' is not valid base64"),
+                               "row 0, field 'image': not valid base64"),
             "not an image": ({"dataframe_records": [{"image": b64(b"GIF89a but not really")}]},
-                             "row 0: field 'image': cannot decode image"),
+                             "row 0, field 'image': cannot decode image"),
             "too many pixels": ({"dataframe_records": [{"image": b64(png_bytes(1200, 1000))}]},
-                                "row 0: field 'image': image 'row 0' is 1200x1000 = 1,200,000 pixels, above the "
+                                "row 0, field 'image': image 'row 0' is 1200x1000 = 1,200,000 pixels, above the "
                                 "limit of 1,000,000"),
+            "too small": ({"dataframe_records": [{"image": b64(png_bytes(1, 1))}]},
+                          "row 0, field 'image': image 'row 0' is 1x1 pixels, below the minimum of 32 px"),
             "age not a number": ({"dataframe_records": [{"image": image, "age": "abc"}]},
-                                 "row 0: age must be a number, got 'abc'"),
+                                 "row 0, field 'age': must be a number, got 'abc'"),
             "negative age": ({"dataframe_split": {"columns": ["image", "age"], "data": [[image, 40], [image, -2]]}},
-                             "row 1: age=-2 is out of range [0, 120]"),
+                             "row 1, field 'age': -2 is out of range [0, 120]"),
             "negative diameter": ({"dataframe_records": [{"image": image, "diameter_1": -1.5}]},
-                                  "row 0: diameter_1=-1.5 is out of range [0, 200]"),
+                                  "row 0, field 'diameter_1': -1.5 is out of range [0, 200]"),
             "empty request": ({"dataframe_split": {"columns": ["image", "age"], "data": []}}, "empty request"),
-            "empty records": ({"dataframe_records": []}, "Model is missing inputs ['image']"),
+            "empty records": ({"dataframe_records": []}, "empty request"),
             "bad top_k": ({"dataframe_records": [{"image": image}], "params": {"top_k": 9}},
                           "parameter 'top_k' must be between 1 and 6, got 9"),
         }
         for case, (body, message) in bad.items():
             status, answer = client.post_json(f"{url}/invocations", body)
             assert status == 400, (case, status, answer)
-            assert isinstance(answer, dict) and message in answer["message"], (case, answer)
+            assert isinstance(answer, dict) and answer["message"].startswith(message), (case, answer)
 
         refused = runner.invoke(cli, ["predict", "--image", first["image_path"].iloc[0], "--url", url, "--age", "abc"])
-        assert refused.exit_code != 0 and "row 0: age must be a number, got 'abc'" in refused.output
+        assert refused.exit_code != 0 and "row 0, field 'age': must be a number, got 'abc'" in refused.output
 
         # The unknown value was also logged by the server.
         assert "region='MARS' is not a known value" in log_path.read_text()

@@ -3,7 +3,10 @@
 Decoding full-size PNGs dominates CPU time, so every image is decoded and resized once into a
 small uint8 array; epochs augment from those arrays. The arrays for a dataset are kept in one
 contiguous block (shared copy-on-write with DataLoader workers) and optionally on disk, keyed by
-file path, size, modification time and target size.
+the decode code's version, file path, size, modification time and target size.
+
+Decoding applies the EXIF orientation (a phone photo stored sideways is scored upright) and
+scales 16-bit greyscale to 8 bit (PIL's own RGB conversion clips it to white).
 """
 
 from __future__ import annotations
@@ -17,23 +20,53 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from skinml.data.image_config import DEFAULT_MAX_PIXELS  # noqa: F401  (defined once, re-exported)
 
 log = logging.getLogger(__name__)
-
-#: Refuse images above this many pixels (decompression bombs). PAD-UFES-20 photos are < 10 MP.
-DEFAULT_MAX_PIXELS = 50_000_000
 CACHE_DIR_ENV = "SKINML_CACHE_DIR"
+#: Serving refuses photos whose short side is below this (PAD-UFES-20's smallest: 167 px).
+DEFAULT_MIN_SIDE = 32
+#: Part of the decode cache key: bump it whenever decoding changes what pixels come out, so
+#: arrays cached by older code are never reused. 2: EXIF orientation, 16-bit greyscale scaling.
+DECODE_VERSION = 2
+
+# 16-bit greyscale as PIL opens it (PNG gives "I;16", TIFF may give the others; "I" is 32-bit
+# storage of the same 0-65535 values).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class ImageError(ValueError):
     """An image cannot be used; the message names the file (or request row)."""
 
 
-def open_image(source: str | os.PathLike | bytes, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode a file path or raw bytes into an RGB image, with errors naming ``name``.
+def _check_size(width: int, height: int, label: str, max_pixels: int, min_side: int) -> None:
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image '{label}' is {width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,}"
+        )
+    if min(width, height) < min_side:
+        raise ImageError(
+            f"image '{label}' is {width}x{height} pixels, below the minimum of {min_side} px on the short side"
+        )
 
-    The pixel limit is checked from the header before any pixel is decoded.
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # convert("RGB") clips 16-bit values at 255 (a white picture); keep the high byte instead.
+        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        return Image.fromarray(values.astype(np.uint8), mode="L").convert("RGB")
+    # RGBA and palette PNGs occur in PAD-UFES-20; the models see RGB. 16-bit RGB(A) PNGs
+    # arrive here already as 8-bit RGB(A): PIL keeps the high byte of each sample.
+    return image.convert("RGB")
+
+
+def open_image(source: str | os.PathLike | bytes, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+               min_side: int = 0) -> Image.Image:
+    """Decode a file path or raw bytes into an upright RGB image, with errors naming ``name``.
+
+    The pixel limit and ``min_side`` are checked from the header before any pixel is decoded.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "image bytes")
     try:
@@ -44,18 +77,29 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None, max_p
         with handle, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(handle)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"image '{label}' is {width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,}"
-                )
+            _check_size(*image.size, label, max_pixels, min_side)
             image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright photo
     except ImageError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot decode image '{label}': not a readable PNG/JPEG ({exc})") from exc
-    # RGBA and palette PNGs occur in PAD-UFES-20; the models see RGB.
-    return image.convert("RGB")
+    return _to_rgb(image)
+
+
+def check_image(source: str | os.PathLike | bytes, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                min_side: int = 0) -> tuple[int, int]:
+    """Check the size limits from the header alone (no pixel is decoded); returns (width, height)."""
+    label = name or (str(source) if not isinstance(source, bytes) else "image bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                size = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot decode image '{label}': not a readable PNG/JPEG ({exc})") from exc
+    _check_size(*size, label, max_pixels, min_side)
+    return size
 
 
 def resize_to_array(image: Image.Image, size: int) -> np.ndarray:
@@ -74,7 +118,7 @@ def default_cache_dir() -> Path:
 
 
 def _cache_key(paths: Sequence[str], size: int) -> str:
-    digest = hashlib.sha256(f"v1|{size}".encode())
+    digest = hashlib.sha256(f"v{DECODE_VERSION}|{size}".encode())
     for p in paths:
         stat = os.stat(p)
         digest.update(f"|{os.path.abspath(p)}|{stat.st_size}|{stat.st_mtime_ns}".encode())

@@ -5,6 +5,9 @@ one-image requests (median and 95th percentile latency) and ``n_batch`` requests
 ``batch_size`` images (images per second); then times the registered model's own
 ``forward`` on the same images, already decoded, so the gap is the serving overhead
 (JSON, base64, decoding, validation, HTTP).
+
+:func:`soak` sends one request many times and records the server's resident memory, to tell a
+leak (growth without bound) from an allocator that keeps freed memory (a plateau).
 """
 
 from __future__ import annotations
@@ -81,4 +84,59 @@ def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50
         "n_single": n_single,
         "n_batch": n_batch,
         "torch_threads": torch.get_num_threads(),
+    }
+
+
+# -- soak: does the server's memory plateau? ----------------------------------------------
+
+
+def server_rss(pid: int) -> int:
+    """Resident memory in bytes of process ``pid`` and all its descendants (``mlflow models
+    serve`` scores in a uvicorn child process)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:  # a worker that exited between listing and reading
+            pass
+    return total
+
+
+def soak(url: str, body: dict, pid: int, n_requests: int = 1000, every: int = 100, warmup: int = 50,
+         timeout: float = 60.0) -> dict[str, Any]:
+    """Send ``body`` to ``url`` ``n_requests`` times, one after another, recording the server's
+    RSS (``pid`` and its children) after the warm-up and then every ``every`` requests.
+
+    Bounded: exactly ``warmup + n_requests`` requests, each with ``timeout``; any answer but 200
+    stops the run with the server's message. ``growth`` is the last RSS over the post-warm-up RSS.
+    """
+    endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/invocations") else "/invocations")
+    for _ in range(warmup):
+        status, answer = post_json(endpoint, body, timeout)
+        if status != 200:
+            raise RuntimeError(f"server answered {status} during warm-up: {str(answer)[:300]}")
+    samples = [(0, server_rss(pid))]
+    latencies = []
+    start = time.perf_counter()
+    for i in range(1, n_requests + 1):
+        tick = time.perf_counter()
+        status, answer = post_json(endpoint, body, timeout)
+        latencies.append(time.perf_counter() - tick)
+        if status != 200:
+            raise RuntimeError(f"server answered {status} at request {i}: {str(answer)[:300]}")
+        if i % every == 0 or i == n_requests:
+            samples.append((i, server_rss(pid)))
+    baseline, last = samples[0][1], samples[-1][1]
+    return {
+        "requests": n_requests,
+        "seconds": time.perf_counter() - start,
+        "median_ms": 1000 * statistics.median(latencies),
+        "rss_mb": [(i, round(rss / 2**20, 1)) for i, rss in samples],
+        "post_warmup_mb": round(baseline / 2**20, 1),
+        "last_mb": round(last / 2**20, 1),
+        "max_mb": round(max(rss for _, rss in samples) / 2**20, 1),
+        "growth": round(last / baseline, 3),
     }

@@ -156,6 +156,22 @@ def load_model(model_uri: str | None = None, model_config: dict[str, Any] | None
     return mlflow.pyfunc.load_model(model_uri or model_uri_for(), model_config=model_config)
 
 
+def request_fields(model=None) -> list[str]:
+    """The columns a request may carry: ``image`` and the clinical fields ``model`` (a loaded
+    pyfunc) reads; without a model, those of the default preprocessor.
+
+    The signature does not list them (see :mod:`skinml.serving.schema`), so they come from the
+    model's own preprocessor.
+    """
+    from skinml.data.preprocess import MetadataPreprocessor
+    from skinml.serving.schema import request_columns
+
+    preprocessor = MetadataPreprocessor()
+    if model is not None:
+        preprocessor = model.unwrap_python_model().bundle.preprocessor
+    return request_columns(preprocessor)
+
+
 def predict_local(model, frame: pd.DataFrame, top_k: int | None = None) -> pd.DataFrame:
     """Score ``frame`` with a loaded pyfunc model; bad input raises ``MlflowException``."""
     return model.predict(frame, params={TOP_K_PARAM: int(top_k)} if top_k is not None else None)
@@ -174,10 +190,10 @@ def score_folder(data_dir: str | os.PathLike | None, model=None, url: str | None
     frame = load_metadata(data_dir, drop_missing_images=drop_missing_images)
     if url is None and model is None:
         model = load_model()
-    clinical_columns = [c for c in schema.FEATURES if c in frame.columns]
-    if model is not None and url is None:  # send only what the model reads (no "extra inputs" warnings)
-        accepted = set(model.metadata.get_input_schema().input_names())
-        clinical_columns = [c for c in clinical_columns if c in accepted]
+    # Send only what the model reads: it refuses unknown columns. A remote model's own fields are
+    # not known here; a field it reads that is not sent shows up in the answer's warnings.
+    accepted = set(request_fields(model if url is None else None))
+    clinical_columns = [c for c in schema.FEATURES if c in frame.columns and c in accepted]
     parts = []
     start_time = time.perf_counter()
     for start in range(0, len(frame), batch_size):

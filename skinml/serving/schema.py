@@ -6,18 +6,25 @@ each optional. Clinical values arrive as they appear in ``metadata.csv`` (text s
 ``"True"``, ``"3.0"``) or as JSON numbers and booleans; missing or null values are imputed as in
 training, and ``UNK`` is accepted everywhere.
 
-The clinical columns are declared with MLflow's ``Any`` type on purpose: MLflow would otherwise
-convert or reject values itself, before :meth:`predict` runs, with messages that do not name the
-row. :func:`validate_request` checks everything and raises :class:`RequestError` naming the row
-and field; the pyfunc turns that into a 400. It is a pure function of the request, the fitted
-preprocessor and the image config, so it is tested without a server.
+The signature declares no input columns on purpose (outputs and parameters only): with named
+input columns MLflow's schema enforcement drops every column it does not know before
+:meth:`predict` runs, so a misspelled ``Age`` or ``fitzpatrick`` would silently be imputed; and it
+would convert or reject values itself with messages that do not name the row. The request
+columns are documented by :func:`request_columns` and the logged input example instead.
+:func:`validate_request` checks everything and raises :class:`RequestError` whose message starts
+with the row and field (``row 0, field 'age': ...``); the pyfunc turns that into a 400. Unknown
+columns are refused (naming the closest valid name) unless ``params={"allow_extra_columns": true}``;
+every clinical field that was imputed is listed in the row's ``warnings``. It is a pure function
+of the request, the fitted preprocessor and the image config, so it is tested without a server.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import io
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,13 +34,21 @@ import pandas as pd
 import torch
 
 from skinml.data import schema
-from skinml.data.images import DEFAULT_MAX_PIXELS, ImageError
+from skinml.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, check_image
 from skinml.data.preprocess import MetadataError, MetadataPreprocessor
 from skinml.data.transforms import ImageConfig, prepare_image
 
 IMAGE_COLUMN = "image"
 TOP_K_PARAM = "top_k"
+#: ``params={"explain": true}`` adds an ``explanation`` column (JSON; see :mod:`skinml.explain`).
+EXPLAIN_PARAM = "explain"
+EXPLANATION_COLUMN = "explanation"
 DEFAULT_TOP_K = 3
+#: ``params={"allow_extra_columns": true}`` ignores unknown request columns (with a warning)
+#: instead of refusing the request.
+ALLOW_EXTRA_PARAM = "allow_extra_columns"
+#: Request values echoed in messages are cut to this many characters.
+MAX_ECHO = 80
 #: Base64 text of one photo is refused above this many decoded bytes (PAD-UFES-20: < 5 MB).
 DEFAULT_MAX_IMAGE_BYTES = 20 * 2**20
 #: Rows per request; every photo of a request is decoded at once, so this bounds memory.
@@ -59,6 +74,25 @@ class RequestError(ValueError):
         self.field = field
 
 
+def cut(text: str, limit: int = MAX_ECHO) -> str:
+    """``text`` cut to ``limit`` characters, "..." marking the cut."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def shown(value: Any, limit: int = MAX_ECHO) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for echoing request values."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for str() (Python refuses > 4,300 digits)
+        text = f"<integer of {value.bit_length():,} bits>"
+    return cut(text, limit)
+
+
+def field_error(row: Any, field: Any, problem: str) -> RequestError:
+    """A :class:`RequestError` whose message starts with ``row <row>, field '<field>': ``."""
+    return RequestError(f"row {cut(str(row))}, field '{cut(str(field))}': {problem}", row, str(field))
+
+
 @dataclass(frozen=True)
 class ServingLimits:
     """Limits that protect the server; fixed at registration, overridable at load time."""
@@ -66,15 +100,17 @@ class ServingLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_rows: int = DEFAULT_MAX_ROWS
+    min_side: int = DEFAULT_MIN_SIDE  # px on the photo's short side; smaller ones are refused
 
     def to_dict(self) -> dict[str, int]:
-        return {"max_pixels": self.max_pixels, "max_image_bytes": self.max_image_bytes, "max_rows": self.max_rows}
+        return {"max_pixels": self.max_pixels, "max_image_bytes": self.max_image_bytes, "max_rows": self.max_rows,
+                "min_side": self.min_side}
 
     @classmethod
     def from_dict(cls, state: dict[str, Any] | None) -> ServingLimits:
         state = state or {}
         defaults = cls()
-        keys = ("max_pixels", "max_image_bytes", "max_rows")
+        keys = ("max_pixels", "max_image_bytes", "max_rows", "min_side")  # older models lack min_side
         return cls(**{k: int(state.get(k, getattr(defaults, k))) for k in keys})
 
 
@@ -85,7 +121,7 @@ class ValidRequest:
     index: pd.Index
     images: torch.Tensor | None  # (N, 3, S, S) float, the evaluation transform applied
     metadata: np.ndarray  # (N, F) float32, from the fitted preprocessor
-    warnings: list[list[str]]  # per row: unknown categories, scored as unknown
+    warnings: list[list[str]]  # per row: unknown categories (scored as unknown), imputed fields, ignored columns
 
 
 # -- signature ----------------------------------------------------------------------------
@@ -96,14 +132,21 @@ def clinical_columns(preprocessor: MetadataPreprocessor) -> list[str]:
     return list(preprocessor.input_columns)
 
 
-def model_signature(preprocessor: MetadataPreprocessor, uses_images: bool = True, labels=schema.LABELS):
-    """Explicit MLflow signature: ``image`` (required string), clinical columns (optional, Any),
-    the ``top_k`` parameter, and the response columns."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+def request_columns(preprocessor: MetadataPreprocessor) -> list[str]:
+    """Every column a request may carry: ``image`` and the clinical columns."""
+    return [IMAGE_COLUMN, *clinical_columns(preprocessor)]
 
-    inputs = [ColSpec(DataType.string, IMAGE_COLUMN, required=uses_images)]
-    inputs += [ColSpec(AnyType(), column, required=False) for column in clinical_columns(preprocessor)]
+
+def model_signature(preprocessor: MetadataPreprocessor, uses_images: bool = True, labels=schema.LABELS):
+    """Explicit MLflow signature: the parameters and the response columns, and no input schema.
+
+    Input columns are left out because MLflow drops any column a named input schema lacks before
+    the model sees it (``mlflow.models.utils._enforce_schema``): the model could not refuse a
+    misspelled field. ``preprocessor`` and ``uses_images`` are kept for callers; the accepted
+    columns are :func:`request_columns`."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
     outputs = [
         ColSpec(DataType.string, LABEL_COLUMN),
         ColSpec(DataType.string, LABEL_NAME_COLUMN),
@@ -113,8 +156,11 @@ def model_signature(preprocessor: MetadataPreprocessor, uses_images: bool = True
         ColSpec(Array(DataType.double), TOP_PROBABILITIES_COLUMN),
         ColSpec(Array(DataType.string), WARNINGS_COLUMN, required=False),
     ]
-    params = ParamSchema([ParamSpec(TOP_K_PARAM, DataType.long, DEFAULT_TOP_K)])
-    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs), params=params)
+    outputs.append(ColSpec(DataType.string, EXPLANATION_COLUMN, required=False))  # only with explain=true
+    params = ParamSchema([ParamSpec(TOP_K_PARAM, DataType.long, DEFAULT_TOP_K),
+                          ParamSpec(EXPLAIN_PARAM, DataType.boolean, False),
+                          ParamSpec(ALLOW_EXTRA_PARAM, DataType.boolean, False)])
+    return ModelSignature(inputs=None, outputs=Schema(outputs), params=params)
 
 
 def example_photo(size: int = 32) -> bytes:
@@ -149,39 +195,26 @@ def _decode_image_field(value: Any, row: Any, limits: ServingLimits) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):  # in-process callers may pass raw bytes
         data = bytes(value)
     elif schema.is_missing(value):
-        raise RequestError(
-            f"row {row}: field '{IMAGE_COLUMN}' is missing; send the photo as a base64-encoded PNG or JPEG string",
-            row, IMAGE_COLUMN,
-        )
+        raise field_error(row, IMAGE_COLUMN, "missing; send the photo as a base64-encoded PNG or JPEG string")
     elif not isinstance(value, str):
-        raise RequestError(
-            f"row {row}: field '{IMAGE_COLUMN}' must be a base64 string, got {type(value).__name__} {value!r:.40}",
-            row, IMAGE_COLUMN,
-        )
+        raise field_error(row, IMAGE_COLUMN, f"must be a base64 string, got {type(value).__name__} {shown(value)}")
     else:
         text = "".join(_DATA_URI.sub("", value.strip()).split())  # `base64` wraps lines; data: URIs
         # Decoded size is 3/4 of the text: refuse oversized payloads before decoding them.
         if len(text) * 3 // 4 > limits.max_image_bytes:
-            raise RequestError(
-                f"row {row}: field '{IMAGE_COLUMN}' holds about {len(text) * 3 // 4:,} bytes, above the limit of "
-                f"{limits.max_image_bytes:,}", row, IMAGE_COLUMN,
-            )
+            raise field_error(row, IMAGE_COLUMN, f"holds about {len(text) * 3 // 4:,} bytes, above the limit of "
+                                                 f"{limits.max_image_bytes:,}")
         try:
             urlsafe = "-" in text or "_" in text  # the URL-safe alphabet is accepted too
             data = base64.b64decode(text, altchars=b"-_" if urlsafe else None, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise RequestError(
-                f"row {row}: field '{IMAGE_COLUMN}' is not valid base64 ({exc}); encode the PNG/JPEG file "
-                "with standard base64", row, IMAGE_COLUMN,
-            ) from None
+            raise field_error(row, IMAGE_COLUMN, f"not valid base64 ({exc}); encode the PNG/JPEG file with "
+                                                 "standard base64") from None
     if not data:
-        raise RequestError(f"row {row}: field '{IMAGE_COLUMN}' is empty", row, IMAGE_COLUMN)
+        raise field_error(row, IMAGE_COLUMN, "empty")
     if len(data) > limits.max_image_bytes:
-        raise RequestError(
-            f"row {row}: field '{IMAGE_COLUMN}' holds {len(data):,} bytes, above the limit of "
-            f"{limits.max_image_bytes:,}",
-            row, IMAGE_COLUMN,
-        )
+        raise field_error(row, IMAGE_COLUMN, f"holds {len(data):,} bytes, above the limit of "
+                                             f"{limits.max_image_bytes:,}")
     return data
 
 
@@ -189,14 +222,100 @@ def _as_frame(request: Any) -> pd.DataFrame:
     if isinstance(request, pd.DataFrame):
         return request
     if isinstance(request, dict):
+        # MLflow's `inputs` format arrives as a dict of numpy arrays (0-d for a single value).
+        request = {k: v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v for k, v in request.items()}
         try:  # {"image": [...], "age": [...]} or a single row {"image": "...", "age": 55}
             columnar = any(isinstance(v, (list, tuple, np.ndarray, pd.Series)) for v in request.values())
             return pd.DataFrame(request) if columnar else pd.DataFrame([request])
         except ValueError as exc:
-            raise RequestError(f"request columns must all have the same length ({exc})") from None
+            raise RequestError(f"request columns must all have the same length ({cut(str(exc), 200)})") from None
     if isinstance(request, (list, tuple)) and all(isinstance(r, dict) for r in request):
         return pd.DataFrame(list(request))
     raise RequestError(f"request must be a table of rows (DataFrame or records), got {type(request).__name__}")
+
+
+def _first_row_with_value(frame: pd.DataFrame, column: Any) -> Any:
+    """The row an unknown column is reported at: the first that gives it a value."""
+    for row, value in frame[column].items():
+        if not schema.is_missing(value):
+            return row
+    return frame.index[0]
+
+
+def _closest(name: Any, valid: list[str]) -> str | None:
+    text = str(name).strip()
+    for candidate in valid:  # `Age`, `AGE `: the same name in another case is the obvious match
+        if candidate.lower() == text.lower():
+            return candidate
+    match = difflib.get_close_matches(text.lower(), valid, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def check_columns(frame: pd.DataFrame, preprocessor: MetadataPreprocessor, allow_extra: bool = False) -> list[Any]:
+    """Refuse duplicate columns and columns this model does not read; returns the unknown columns
+    when ``allow_extra`` (the caller ignores them).
+
+    MLflow's own schema enforcement would drop an unknown column silently, and a misspelled
+    clinical field would then be imputed, i.e. scored like the all-benign rows with no
+    questionnaire; so an unknown name is an error naming the closest valid name.
+    """
+    valid = request_columns(preprocessor)
+    duplicated = [c for c in dict.fromkeys(frame.columns[frame.columns.duplicated()])]
+    if duplicated:
+        raise field_error(frame.index[0], duplicated[0],
+                          f"given {list(frame.columns).count(duplicated[0])} times; send each field once")
+    unknown = [c for c in frame.columns if c not in valid]
+    if not unknown or allow_extra:
+        return unknown
+
+    def describe(column: Any) -> str:
+        match = _closest(column, valid)
+        return f"did you mean {match!r}?" if match else "no field of this model is close"
+
+    first, others = unknown[0], unknown[1:]
+    problem = f"not a field of this model ({describe(first)})"
+    if others:
+        problem += "; also unknown: " + ", ".join(f"'{cut(str(c))}' ({describe(c)})" for c in others[:10])
+        if len(others) > 10:
+            problem += f" and {len(others) - 10} more"
+    problem += (f". Valid fields: {', '.join(valid)}. To ignore unknown fields instead, send "
+                f'params {{"{ALLOW_EXTRA_PARAM}": true}}')
+    raise field_error(_first_row_with_value(frame, first), first, problem)
+
+
+_SCALAR_TYPES = (str, bool, int, float, np.integer, np.floating, np.bool_)
+
+
+def check_clinical_values(clinical: pd.DataFrame, preprocessor: MetadataPreprocessor) -> None:
+    """Refuse values the preprocessor cannot use, with messages that start with the row and
+    field and echo at most :data:`MAX_ECHO` characters of the value."""
+    numeric = set(preprocessor.numeric_columns)
+    for column in clinical.columns:
+        for row, value in clinical[column].items():
+            if schema.is_missing(value):
+                continue
+            if not isinstance(value, _SCALAR_TYPES):
+                raise field_error(row, column, f"must be a single text, number or true/false value, got "
+                                               f"{type(value).__name__} {shown(value)}")
+            if column in numeric:
+                _check_number(row, column, value)
+            elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) \
+                    and abs(int(value)) >= 2**63:  # no category is such a number (and str() may refuse it)
+                raise field_error(row, column, f"{shown(value)} is not a valid value")
+
+
+def _check_number(row: Any, column: str, value: Any) -> None:
+    low, high = schema.NUMERIC_RANGES[column]
+    if isinstance(value, (bool, np.bool_)):
+        raise field_error(row, column, f"must be a number, got {shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float range
+        number = math.inf
+    except (TypeError, ValueError):
+        raise field_error(row, column, f"must be a number, got {shown(value)}") from None
+    if not math.isfinite(number) or not low <= number <= high:
+        raise field_error(row, column, f"{shown(value)} is out of range [{low:g}, {high:g}]")
 
 
 def normalise_clinical(frame: pd.DataFrame, preprocessor: MetadataPreprocessor) -> pd.DataFrame:
@@ -226,7 +345,25 @@ def unknown_value_warnings(clinical: pd.DataFrame, preprocessor: MetadataPreproc
             why = "was not seen in training"
         else:
             why = f"is not a known value (expected one of {', '.join(documented)})" if documented else "is unknown"
-        found.setdefault(row, []).append(f"row {row}: {column}={value!r} {why}; scored as unknown")
+        found.setdefault(row, []).append(f"row {row}: {column}={shown(value)} {why}; scored as unknown")
+    return found
+
+
+def imputed_fields(clinical: pd.DataFrame, preprocessor: MetadataPreprocessor) -> dict[Any, list[str]]:
+    """Per row, the clinical fields the model reads that the row leaves missing (absent, null,
+    empty, or ``UNK`` where that is not a category): the preprocessor imputes them."""
+    numeric = set(preprocessor.numeric_columns)
+    found: dict[Any, list[str]] = {row: [] for row in clinical.index}
+    for column in clinical_columns(preprocessor):
+        for row in clinical.index:
+            if column not in clinical.columns:
+                missing = True
+            elif column in numeric:
+                missing = schema.is_missing(clinical.at[row, column])
+            else:
+                missing = schema.canonical_category(column, clinical.at[row, column]) is None
+            if missing:
+                found[row].append(column)
     return found
 
 
@@ -235,12 +372,16 @@ def validate_request(
     preprocessor: MetadataPreprocessor,
     image_config: ImageConfig | None,
     limits: ServingLimits | None = None,
+    allow_extra: bool = False,
+    uses_metadata: bool = True,
 ) -> ValidRequest:
     """Check and encode a request; raises :class:`RequestError` naming the row and field.
 
     Images go through :func:`skinml.data.transforms.prepare_image`, the evaluation transform,
     so served probabilities equal evaluation's. ``image_config=None`` (metadata-only models)
-    ignores the ``image`` column.
+    ignores the ``image`` column. Unknown columns are refused unless ``allow_extra``; with
+    ``uses_metadata`` (the model reads the clinical fields) imputed fields are listed in the
+    row's warnings.
     """
     limits = limits or ServingLimits()
     frame = _as_frame(request)
@@ -251,29 +392,52 @@ def validate_request(
                            "smaller requests")
     if not frame.index.is_unique:
         frame = frame.reset_index(drop=True)
+    ignored = check_columns(frame, preprocessor, allow_extra)
 
     images = None
     if image_config is not None:
         if IMAGE_COLUMN not in frame.columns:
-            raise RequestError(f"request has no '{IMAGE_COLUMN}' field: every row needs the photo as a base64 PNG "
-                               "or JPEG string", field=IMAGE_COLUMN)
+            raise field_error(frame.index[0], IMAGE_COLUMN, "missing: the request has no 'image' field; every row "
+                                                            "needs the photo as a base64 PNG or JPEG string")
         config = replace(image_config, max_pixels=limits.max_pixels)
         tensors = []
         for row, value in frame[IMAGE_COLUMN].items():
             data = _decode_image_field(value, row, limits)
             try:
+                check_image(data, name=f"row {row}", max_pixels=limits.max_pixels, min_side=limits.min_side)
                 tensors.append(prepare_image(data, config, name=f"row {row}"))
             except ImageError as exc:
-                raise RequestError(f"row {row}: field '{IMAGE_COLUMN}': {exc}", row, IMAGE_COLUMN) from None
+                raise field_error(row, IMAGE_COLUMN, cut(str(exc), 300)) from None
         images = torch.stack(tensors)
 
     clinical = normalise_clinical(frame, preprocessor)
+    check_clinical_values(clinical, preprocessor)
     try:
         metadata = preprocessor.transform(clinical)
-    except MetadataError as exc:
-        raise RequestError(str(exc), exc.row, exc.column) from None
+    except MetadataError as exc:  # check_clinical_values should have caught it; keep the promise anyway
+        raise field_error(exc.row, exc.column, cut(str(exc), 300)) from None
     warnings = unknown_value_warnings(clinical, preprocessor)
+    if uses_metadata:
+        for row, fields in imputed_fields(clinical, preprocessor).items():
+            if fields:
+                warnings.setdefault(row, []).append(
+                    f"row {row}: {len(fields)} clinical field(s) missing, imputed from the training data: "
+                    f"{', '.join(fields)}")
+    for column in ignored:
+        for row, value in frame[column].items():
+            if not schema.is_missing(value):
+                warnings.setdefault(row, []).append(
+                    f"row {row}: field '{cut(str(column))}' is not a field of this model; ignored")
     return ValidRequest(frame.index, images, metadata, [warnings.get(row, []) for row in frame.index])
+
+
+def validate_flag(value: Any, name: str) -> bool:
+    """A true/false parameter: JSON booleans, or the strings "true"/"false"; absent is false."""
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise RequestError(f"parameter '{name}' must be true or false, got {shown(value)}", field=name)
 
 
 def validate_top_k(value: Any, num_labels: int = schema.NUM_CLASSES) -> int:
@@ -285,12 +449,12 @@ def validate_top_k(value: Any, num_labels: int = schema.NUM_CLASSES) -> int:
         top_k = int(value)
     elif isinstance(value, (float, np.floating)) and float(value).is_integer():
         top_k = int(value)
-    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit() and len(value) < 20:
         top_k = int(value)
     if top_k is None:
-        raise RequestError(f"parameter '{TOP_K_PARAM}' must be a whole number, got {value!r}", field=TOP_K_PARAM)
+        raise RequestError(f"parameter '{TOP_K_PARAM}' must be a whole number, got {shown(value)}", field=TOP_K_PARAM)
     if not 1 <= top_k <= num_labels:
-        raise RequestError(f"parameter '{TOP_K_PARAM}' must be between 1 and {num_labels}, got {top_k}",
+        raise RequestError(f"parameter '{TOP_K_PARAM}' must be between 1 and {num_labels}, got {shown(top_k)}",
                            field=TOP_K_PARAM)
     return top_k
 
