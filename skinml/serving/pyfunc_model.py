@@ -3,14 +3,14 @@
 MLflow runs this file when the model is loaded (``mlflow.pyfunc.load_model`` or ``mlflow
 models serve``); ``skinml`` itself travels with the model as ``code_paths``, so loading works
 from any directory and runs the code the model was registered with. Artifacts (see
-:func:`skinml.registry.log_pyfunc_model`):
+:func:`skinml.steps.register.log_pyfunc_model`):
 
 - ``checkpoint``: the training run's ``checkpoints/best.pt`` (weights and model config);
 - ``preprocessor``: the fitted metadata preprocessor (JSON, fitted on the training split);
 - ``labels``: the label order of the outputs (JSON);
 - ``image_config``: the evaluation transform's settings (JSON).
 
-``model_config`` holds the serving limits (``max_pixels``, ``max_image_bytes``, ``max_rows``);
+``model_config`` holds the serving limits (``max_pixels``, ``max_image_bytes``, ``max_rows``, ``min_side``);
 ``mlflow.pyfunc.load_model(uri, model_config={...})`` overrides them.
 """
 
@@ -41,6 +41,31 @@ def torch_threads() -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+class RequestRejected(MlflowException):
+    """A request the model refuses: HTTP 400 (``INVALID_PARAMETER_VALUE``) with our message.
+
+    MLflow's scoring server rewrites the message of any ``MlflowException`` from ``predict`` to
+    ``Failed to predict data '<the whole request as a DataFrame>'. Error: <message>``
+    (``mlflow.pyfunc.scoring_server.invocations``, 3.17), which buries the row and field after
+    the request's dump. This message keeps what it was first given: the answer's ``message``
+    starts with ``row N, field 'X':``.
+    """
+
+    def __init__(self, message: str):
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if getattr(self, "_message", None) is None:  # set once, by __init__; later rewrites are dropped
+            self._message = value
+
+
 class SkinLesionClassifier(PythonModel):
     """Photo (base64 PNG/JPEG) + raw clinical fields -> diagnosis probabilities.
 
@@ -50,16 +75,16 @@ class SkinLesionClassifier(PythonModel):
     def load_context(self, context) -> None:
         import torch
 
+        from skinml import inference
         from skinml.data.preprocess import MetadataPreprocessor
         from skinml.data.transforms import ImageConfig
         from skinml.serving.schema import ServingLimits
-        from skinml.training import checkpoints
 
         threads = torch_threads()
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         artifacts = context.artifacts
-        state = checkpoints.load(artifacts["checkpoint"])
+        state = inference.load_checkpoint(artifacts["checkpoint"])
         # The JSON artifacts are what the model documents; they must agree with the weights.
         with open(artifacts["labels"]) as fh:
             labels = json.load(fh)
@@ -71,41 +96,88 @@ class SkinLesionClassifier(PythonModel):
             image_config = json.load(fh)
         state["image_config"] = ImageConfig.from_dict(image_config).to_dict() if image_config else None
 
-        self.bundle = checkpoints.build_inference_bundle(state)
+        self.bundle = inference.build_inference_bundle(state)
         self.bundle.model.eval()
         self.limits = ServingLimits.from_dict(context.model_config)
         log.info("loaded %s (%s weights) with %d torch threads; limits %s", state["model_config"]["name"],
                  self.bundle.weights_source, threads, self.limits.to_dict())
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        import numpy as np
         import torch
 
-        from skinml.serving.schema import RequestError, format_predictions, validate_request, validate_top_k
+        from skinml import inference
+        from skinml.serving.schema import (
+            ALLOW_EXTRA_PARAM,
+            RequestError,
+            format_predictions,
+            validate_flag,
+            validate_request,
+            validate_top_k,
+        )
 
         bundle = self.bundle
+        explain = explain_requested(params)  # a bad value is refused before any work
         try:
             top_k = validate_top_k((params or {}).get("top_k"), len(bundle.labels))
-            request = validate_request(model_input, bundle.preprocessor, bundle.image_config, self.limits)
+            allow_extra = validate_flag((params or {}).get(ALLOW_EXTRA_PARAM), ALLOW_EXTRA_PARAM)
+            request = validate_request(model_input, bundle.preprocessor, bundle.image_config, self.limits,
+                                       allow_extra=allow_extra,
+                                       uses_metadata=getattr(bundle.model, "uses_metadata", True))
         except RequestError as exc:
-            # MLflow returns an invalid_parameter_value error as a 400 with this message.
-            raise MlflowException.invalid_parameter_value(str(exc)) from None
+            raise RequestRejected(str(exc)) from None
         for row_warnings in request.warnings:
             for message in row_warnings:
                 log.warning(message)
 
-        metadata = torch.from_numpy(request.metadata)
-        probabilities = []
-        with torch.inference_mode():
-            for start in range(0, len(metadata), FORWARD_BATCH):
-                chunk = metadata[start:start + FORWARD_BATCH]
-                if request.images is not None:
-                    images = request.images[start:start + FORWARD_BATCH].contiguous(memory_format=torch.channels_last)
-                else:  # metadata-only models ignore the photo (a placeholder, as in LesionDataset)
-                    images = torch.zeros(len(chunk), 3, 1, 1)
-                logits = bundle.model(images, chunk).float()
-                probabilities.append(torch.softmax(logits, dim=1).numpy())
-        return format_predictions(np.concatenate(probabilities), bundle.labels, request.index, top_k, request.warnings)
+        proba = inference.predict_tensors(bundle.model, request.images, torch.from_numpy(request.metadata),
+                                          batch_size=FORWARD_BATCH)
+        predictions = format_predictions(proba, bundle.labels, request.index, top_k, request.warnings)
+        if explain:
+            from skinml.serving.schema import EXPLANATION_COLUMN
+
+            predictions[EXPLANATION_COLUMN] = self.explanations(model_input, request.index)
+        return predictions
+
+    # -- explanations: params {"explain": true} (off by default) ---------------------------------
+    def explanations(self, model_input, index) -> list[str]:
+        """Per row, the JSON of :func:`skinml.explain.explain` for the row's photo and clinical
+        fields: the same call ``skinml explain`` makes, so both give the same answer."""
+        from dataclasses import replace
+
+        from skinml.data.images import ImageError
+        from skinml.explain import explain
+        from skinml.serving import schema
+
+        bundle = self.bundle
+        if bundle.image_config is not None:  # refuse and accept photos exactly as validation did
+            bundle = replace(bundle, image_config=replace(bundle.image_config, max_pixels=self.limits.max_pixels))
+        frame = schema._as_frame(model_input)
+        if not frame.index.is_unique:  # as validate_request does, so rows line up with `index`
+            frame = frame.reset_index(drop=True)
+        out = []
+        for row in index:
+            photo = None
+            if bundle.uses_images:
+                photo = schema._decode_image_field(frame.at[row, schema.IMAGE_COLUMN], row, self.limits)
+            # The same cleaning validate_request applies, then the library call `skinml explain` makes.
+            clinical = schema.normalise_clinical(frame.loc[[row]], bundle.preprocessor)
+            warnings = schema.unknown_value_warnings(clinical, bundle.preprocessor).get(row, [])
+            try:
+                explanation = explain(bundle, photo, clinical.iloc[0].to_dict(), warnings=warnings)
+            except (ImageError, ValueError) as exc:  # validation passed, so this is not expected
+                raise RequestRejected(f"row {row}: cannot explain: {exc}") from None
+            out.append(explanation.to_json())
+        return out
+
+
+def explain_requested(params: dict[str, Any] | None) -> bool:
+    """The ``explain`` parameter (true/false, absent is false); a bad value is a 400."""
+    from skinml.serving.schema import EXPLAIN_PARAM, RequestError, validate_flag
+
+    try:
+        return validate_flag((params or {}).get(EXPLAIN_PARAM), EXPLAIN_PARAM)
+    except RequestError as exc:
+        raise RequestRejected(str(exc)) from None
 
 
 mlflow.models.set_model(SkinLesionClassifier())
