@@ -142,6 +142,14 @@ class MetadataPreprocessor:
         names += [f"{c}_missing" for c in self.indicator_columns_]
         return names
 
+    def feature_fields(self) -> list[str]:
+        """For each output column (in :meth:`get_feature_names_out` order), the input field it encodes."""
+        self._check_fitted()
+        fields = list(self.numeric_columns)
+        for column in self.categorical_columns:
+            fields += [column] * (1 if self.encoding == "ordinal" else len(self.vocabularies_[column]) + 1)
+        return fields + list(self.indicator_columns_)
+
     @property
     def n_features_out(self) -> int:
         return len(self.get_feature_names_out())

@@ -134,7 +134,8 @@ def train(
             state = fit(model, loaders.train, loaders.val, loaders.val_arrays.labels, criterion, optimizer, scheduler,
                         dev, recipe, state, on_epoch_end=hook, max_epochs=max_epochs_this_call,
                         before_epoch=loaders.set_epoch,
-                        batch_transform=loaders.augment if loaders.batch_augment is not None else None)
+                        batch_transform=loaders.augment if loaders.batch_augment is not None else None,
+                        metadata_transform=loaders.mask_metadata if loaders.field_dropout is not None else None)
             if state.stopped_early:
                 mlflow.set_tag("skinml.early_stopped_at", str(state.epoch))
             _log_selected_epoch(state, hook.best_proba, loaders.val_arrays.labels)

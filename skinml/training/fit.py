@@ -58,7 +58,8 @@ class EpochEnd:
 def fit(model: nn.Module, train_loader, val_loader, val_labels: np.ndarray, criterion, optimizer, scheduler,
         device: torch.device, recipe: Recipe, state: TrainState,
         on_epoch_end: Callable[[EpochEnd], None] | None = None, max_epochs: int | None = None,
-        before_epoch: Callable[[int], None] | None = None, batch_transform=None) -> TrainState:
+        before_epoch: Callable[[int], None] | None = None, batch_transform=None,
+        metadata_transform=None) -> TrainState:
     """Train from ``state.epoch + 1`` to ``recipe.epochs`` (at most ``max_epochs`` more).
 
     ``before_epoch(epoch)`` seeds the epoch's data order (:meth:`Loaders.set_epoch`);
@@ -75,7 +76,8 @@ def fit(model: nn.Module, train_loader, val_loader, val_labels: np.ndarray, crit
         lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
         tick = time.perf_counter()
         row = train_one_epoch(model, train_loader, criterion, optimizer, device, recipe.grad_clip,
-                              desc=f"epoch {epoch}/{recipe.epochs}", batch_transform=batch_transform)
+                              desc=f"epoch {epoch}/{recipe.epochs}", batch_transform=batch_transform,
+                              metadata_transform=metadata_transform)
         proba, val_loss = predict_proba(model, val_loader, device, criterion, progress=progress("val"))
         scheduler.step()
         row.update(val_loss=val_loss, **epoch_metrics(val_labels, proba, schema.LABELS), **lrs)

@@ -19,12 +19,16 @@ def _progress(loader, desc: str):
 
 
 def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torch.device,
-                    grad_clip: float = 0.0, desc: str = "train", batch_transform=None) -> dict[str, float]:
-    """One pass over ``loader``; ``batch_transform`` augments each batch once it is on the device."""
+                    grad_clip: float = 0.0, desc: str = "train", batch_transform=None,
+                    metadata_transform=None) -> dict[str, float]:
+    """One pass over ``loader``; ``batch_transform`` augments each image batch once it is on the
+    device, ``metadata_transform`` masks metadata (questionnaire dropout)."""
     model.train()
     total_loss, seen = 0.0, 0
     start = time.perf_counter()
     for image, metadata, target in _progress(loader, desc):
+        if metadata_transform is not None:
+            metadata = metadata_transform(metadata)
         image, metadata = to_device(image, metadata, device)
         if batch_transform is not None:
             image = batch_transform(image).contiguous(memory_format=torch.channels_last)

@@ -23,6 +23,7 @@ from skinml.models import SkinClassifier, create_model, model_class
 from skinml.training.augment import BatchAugment
 from skinml.training.imbalance import make_loss, make_sampler
 from skinml.training.loaders import default_num_workers
+from skinml.training.modality import FieldDropout
 from skinml.training.recipe import Recipe
 
 
@@ -98,6 +99,15 @@ class Loaders:
     #: Batched augmentation on the training device (``augment_device="batch"``), else None.
     batch_augment: BatchAugment | None = None
     augment_generator: torch.Generator | None = None
+    #: Questionnaire dropout (``questionnaire_dropout`` > 0), else None.
+    field_dropout: FieldDropout | None = None
+    dropout_generator: torch.Generator | None = None
+
+    def mask_metadata(self, metadata: torch.Tensor) -> torch.Tensor:
+        """The training view of a metadata batch (identity without questionnaire dropout)."""
+        if self.field_dropout is None:
+            return metadata
+        return self.field_dropout(metadata, self.dropout_generator)
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         """The training view of a uint8 batch already on the device (identity without batching)."""
@@ -116,6 +126,8 @@ class Loaders:
         self.loader_generator.manual_seed(epoch_seed(self.seed, epoch, 1))
         if self.augment_generator is not None:
             self.augment_generator.manual_seed(epoch_seed(self.seed, epoch, 2))
+        if self.dropout_generator is not None:
+            self.dropout_generator.manual_seed(epoch_seed(self.seed, epoch, 3))
 
 
 def build_loaders(recipe: Recipe, data: TrainingData, image_config: ImageConfig | None, device: torch.device,
@@ -155,6 +167,9 @@ def build_loaders(recipe: Recipe, data: TrainingData, image_config: ImageConfig 
     if batched:
         loaders.batch_augment = BatchAugment(image_config, recipe.augment)
         loaders.augment_generator = torch.Generator().manual_seed(epoch_seed(seed, 0, 2))
+    if recipe.questionnaire_dropout > 0:
+        loaders.field_dropout = FieldDropout(data.preprocessor, recipe.questionnaire_dropout)
+        loaders.dropout_generator = torch.Generator().manual_seed(epoch_seed(seed, 0, 3))
     return loaders
 
 

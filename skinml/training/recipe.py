@@ -34,6 +34,9 @@ class Recipe:
     include_biopsed: bool = False
     missing_indicators: bool = False
     metadata_encoding: str = "ordinal"
+    #: Share of training samples whose 13 questionnaire answers are masked as "not answered"
+    #: each epoch (modality dropout; 0 = off). See skinml.training.modality.
+    questionnaire_dropout: float = 0.0
     # imbalance and loss
     imbalance: str = "both"
     label_smoothing: float = 0.1
@@ -62,6 +65,8 @@ class Recipe:
             raise ValueError(f"scheduler must be 'cosine' or 'none', got {self.scheduler!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be positive, got {self.epochs} and {self.batch_size}")
+        if not 0 <= self.questionnaire_dropout <= 1:
+            raise ValueError(f"questionnaire_dropout must be in [0, 1], got {self.questionnaire_dropout}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.augment.resize < self.image_size and self.augment.resize != 0:
