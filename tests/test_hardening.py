@@ -138,3 +138,22 @@ def test_batched_augmentation_trains_reproducibly(mlflow_store, synthetic_dir):
     workers = train(tiny(epochs=2), data_dir=str(synthetic_dir), split=split, seed=1, num_workers=0)
     assert [h["train_loss"] for h in workers.history] != [h["train_loss"] for h in first.history]
     assert mlflow.MlflowClient().get_run(first.run_id).data.params["recipe.augment_device"] == "batch"
+
+
+def test_benchmark_train_reports_both_rates_and_logs_them(mlflow_store, synthetic_dir):
+    from click.testing import CliRunner
+
+    from skinml.cli import cli
+
+    result = CliRunner().invoke(cli, ["benchmark-train", "--model", "cnn_fusion", "--backbone", "test_efficientnet",
+                                      "--pretrained", "none", "--image-size", "32", "--set", "augment_resize=36",
+                                      "--batch-size", "16", "--data-dir", str(synthetic_dir), "--num-workers", "0",
+                                      "--steps", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):result.output.index("}") + 1])
+    assert report["model_bound_images_per_second"] > 0 and report["end_to_end_images_per_second"] > 0
+    assert report["ratio"] == pytest.approx(report["end_to_end_images_per_second"]
+                                            / report["model_bound_images_per_second"])
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`{tracking.TAG_STEP}` = 'benchmark'")
+    assert len(runs) == 1 and runs[0].data.metrics["end_to_end_ratio"] == pytest.approx(report["ratio"])

@@ -115,3 +115,42 @@ def list_models(num_metadata_features):
     click.echo(f"{'model':<16}{'family':<10}{'parameters':>14}  backbone")
     for row in rows:
         click.echo(f"{row['name']:<16}{row['family']:<10}{row['parameters']:>14,}  {row['backbone']}")
+
+
+@click.command("benchmark-train")
+@recipe_options
+@data_dir_option
+@click.option("--split", "split_ref", default=None, callback=empty_to_none,
+              help="Split run id (or manifest path); made with the defaults when omitted.")
+@device_option
+@click.option("--num-workers", default=None, type=click.IntRange(0), help="DataLoader workers (default: by device).")
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(1), help="Timed model-bound steps.")
+@click.option("--seed", default=42, show_default=True, type=int)
+@click.option("--log/--no-log", default=True, show_default=True, help="Log the figures as an MLflow run.")
+@friendly_errors
+def benchmark_train(recipe, extra, data_dir, split_ref, device, num_workers, steps, seed, log, **overrides):
+    """Model-bound vs end-to-end training images/s for a recipe, in one process."""
+    import json
+
+    resolved = build_recipe(recipe, extra, **overrides)
+    from skinml.benchmarks.train import benchmark_training
+    from skinml.steps.train import resolve_split
+
+    split = resolve_split(split_ref, data_dir)
+    result = benchmark_training(resolved, split.manifest, data_dir, device=device, seed=seed,
+                                num_workers=num_workers, steps=steps)
+    click.echo(json.dumps(result.to_dict(), indent=2))
+    click.echo(f"end-to-end {result.end_to_end_images_per_second:.1f} images/s = {100 * result.ratio:.0f}% of the "
+               f"model-bound {result.model_bound_images_per_second:.1f} images/s ({result.device})")
+    if log:
+        import mlflow
+
+        from skinml import tracking
+
+        with tracking.start_run("benchmark", run_name=f"benchmark-train-{resolved.model}") as run:
+            tracking.log_params({f"recipe.{k}": v for k, v in resolved.flat().items()}
+                                | {"device": result.device, "num_workers": result.num_workers})
+            mlflow.log_metrics({"model_bound_images_per_second": result.model_bound_images_per_second,
+                                "end_to_end_images_per_second": result.end_to_end_images_per_second,
+                                "end_to_end_ratio": result.ratio})
+            click.echo(f"logged to run {run.info.run_id}")

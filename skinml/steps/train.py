@@ -51,7 +51,7 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def _resolve_split(split: str | None, data_dir: str | None) -> SplitRef:
+def resolve_split(split: str | None, data_dir: str | None) -> SplitRef:
     if split:
         return load_split(split)
     print("No split given: making one with the defaults (stratified by patient, seed 42).")
@@ -88,7 +88,7 @@ def train(
         split = resume_state["split_run_id"] or resume_state["split_source"]
         seed = resume_state["seed"]
     validate_recipe(recipe)
-    split_ref = _resolve_split(split, data_dir)
+    split_ref = resolve_split(split, data_dir)
 
     seed_everything(seed)
     data = prepare_data(recipe, split_ref.manifest, data_dir, split_ref.drop_missing_images)
