@@ -21,7 +21,9 @@ def test_store_lives_at_project_root(mlflow_store, monkeypatch, tmp_path):
     assert uri == f"sqlite:///{mlflow_store / 'mlflow.db'}"
     assert (mlflow_store / "mlflow.db").is_file()
     exp = mlflow.MlflowClient().get_experiment(tracking.get_experiment_id("skinml"))
-    assert exp.artifact_location == (mlflow_store / "mlruns" / "skinml").as_uri()
+    assert exp.artifact_location == (mlflow_store / "mlruns" / "0").as_uri()  # the adopted Default experiment
+    other = mlflow.MlflowClient().get_experiment(tracking.get_experiment_id("other"))
+    assert other.artifact_location == (mlflow_store / "mlruns" / "other").as_uri()
     assert not (tmp_path / "mlflow.db").exists()
 
 

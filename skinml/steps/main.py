@@ -75,7 +75,9 @@ def run_main(recipe: Recipe, data_dir: str | None = None, seed: int = 42, split_
                          tracking.TAG_SPLIT_HASH: split_ref.sha256})
 
         if register:
-            result["registered"] = _register(train_id, recipe, model_name)
+            registered = _register(train_id, recipe, model_name)
+            if registered is not None:
+                result["registered"] = registered
     print(f"[main] done: {result}")
     return result
 
