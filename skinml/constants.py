@@ -36,21 +36,20 @@ DEPRECATED_RECIPE_NAMES = {"seed": "original"}
 DEPRECATED_SPLIT_STRATEGIES = {"seed": "random"}
 
 
-def canonical_recipe(name: str) -> str:
-    """The preset name, mapping a deprecated one with a warning."""
-    if name in DEPRECATED_RECIPE_NAMES:
-        new = DEPRECATED_RECIPE_NAMES[name]
-        warnings.warn(f"recipe '{name}' is deprecated and will be removed in the next release; use '{new}'",
-                      FutureWarning, stacklevel=3)
+def _canonical(name: str, deprecated: dict[str, str], what: str) -> str:
+    if name in deprecated:
+        new = deprecated[name]
+        warnings.warn(f"{what} '{name}' is deprecated and will be removed in the next release; use '{new}'",
+                      FutureWarning, stacklevel=4)
         return new
     return name
+
+
+def canonical_recipe(name: str) -> str:
+    """The preset name, mapping a deprecated one with a warning."""
+    return _canonical(name, DEPRECATED_RECIPE_NAMES, "recipe")
 
 
 def canonical_split_strategy(name: str) -> str:
     """The split strategy name, mapping a deprecated one with a warning."""
-    if name in DEPRECATED_SPLIT_STRATEGIES:
-        new = DEPRECATED_SPLIT_STRATEGIES[name]
-        warnings.warn(f"split strategy '{name}' is deprecated and will be removed in the next release; use '{new}'",
-                      FutureWarning, stacklevel=3)
-        return new
-    return name
+    return _canonical(name, DEPRECATED_SPLIT_STRATEGIES, "split strategy")
