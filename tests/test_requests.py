@@ -6,8 +6,6 @@ server); the last starts a real `mlflow models serve` (slow)."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
 import os
@@ -23,7 +21,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow.exceptions import MlflowException
-from PIL import Image
 
 from skinml.data import schema
 from skinml.data.image_config import ImageConfig
@@ -42,19 +39,10 @@ from skinml.serving.schema import (
     validate_request,
 )
 from skinml.steps import register as registry
-from tests.test_serving import _free_port, _stop, _wait_until_healthy, log_training_run
+from tests.test_serving import _free_port, _stop, _wait_until_healthy, b64, log_training_run
+from tests.test_serving import png_bytes as png
 
 ROW_FIELD = re.compile(r"^row \S+, field '.*?': ")
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def png(width: int, height: int, colour=(200, 150, 120)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
