@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -39,7 +36,7 @@ from skinml.serving.schema import (
     validate_request,
 )
 from skinml.steps import register as registry
-from tests.test_serving import _free_port, _stop, _wait_until_healthy, b64, log_training_run
+from tests.test_serving import _stop, _wait_until_healthy, b64, log_training_run, start_server
 from tests.test_serving import png_bytes as png
 
 ROW_FIELD = re.compile(r"^row \S+, field '.*?': ")
@@ -290,17 +287,8 @@ def registered(tiny_training, mlflow_store) -> str:
 @pytest.mark.slow
 def test_mlflow_models_serve_refuses_unknown_columns_with_row_and_field_first(registered, tmp_path, photo):
     name = registered
-    port = _free_port()
+    process, port, log_path = start_server(f"models:/{name}@champion", tmp_path)
     url = f"http://127.0.0.1:{port}/invocations"
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion",
-             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-            cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        )
     try:
         _wait_until_healthy(process, port, log_path)
         records = [{"image": photo, "Age": 90, "fitzpatrick": "2.0"}]

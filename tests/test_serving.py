@@ -353,20 +353,26 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_mlflow_models_serve_end_to_end(served, metadata_frame, tmp_path, photo):
-    name, checkpoint = served
+def start_server(model_uri: str, workdir: Path) -> tuple[subprocess.Popen, int, Path]:
+    """`mlflow models serve` of ``model_uri`` on a free loopback port, logging to ``workdir``."""
     port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     env = dict(os.environ)  # MLFLOW_TRACKING_URI points at the test store (mlflow_store)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # uvicorn of this venv
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    log_path = tmp_path / "serve.log"
+    log_path = workdir / "serve.log"
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion",
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-            cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=workdir, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )
+    return process, port, log_path
+
+
+def test_mlflow_models_serve_end_to_end(served, metadata_frame, tmp_path, photo):
+    name, checkpoint = served
+    process, port, log_path = start_server(f"models:/{name}@champion", tmp_path)
+    url = f"http://127.0.0.1:{port}"
     try:
         startup = _wait_until_healthy(process, port, log_path)
         print(f"server healthy after {startup:.1f}s")
