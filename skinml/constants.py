@@ -19,6 +19,8 @@ IMBALANCE_CHOICES: tuple[str, ...] = ("sampler", "loss", "both", "none")
 METADATA_ENCODINGS: tuple[str, ...] = ("ordinal", "onehot")
 #: Where training augments: per image in DataLoader workers, or per batch on the training device.
 AUGMENT_DEVICES: tuple[str, ...] = ("workers", "batch")
+#: How evaluation sees a photo (Recipe.eval_view): squashed whole, or at the training scale + centre crop.
+EVAL_VIEWS = ("squash", "crop")
 
 #: Patient-level split strategies: class-stratified, or a plain random split of patient ids.
 SPLIT_STRATEGIES: tuple[str, ...] = ("stratified", "random")

@@ -78,6 +78,47 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+#: Test-time augmentation choices: none, or the four flips training draws (identity, horizontal,
+#: vertical, both).
+TTA_CHOICES = ("none", "flips")
+
+
+class AveragedModel(nn.Module):
+    """Mean class probabilities of ``members`` (an ensemble), each over the flipped views of the
+    photo when ``tta="flips"``.
+
+    ``forward`` returns the log of that mean, so ``softmax(forward(x, m))`` is exactly the mean of
+    the members' (and views') softmax outputs: every scorer that takes a softmax of logits
+    (evaluation, serving, the app) gets the averaged probabilities unchanged.
+    """
+
+    def __init__(self, members: list[nn.Module], tta: str = "none") -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an averaged model needs at least one member")
+        if tta not in TTA_CHOICES:
+            raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta!r}")
+        self.members = nn.ModuleList(members)
+        self.tta = tta
+        self.uses_images = bool(getattr(members[0], "uses_images", True))
+        self.uses_metadata = bool(getattr(members[0], "uses_metadata", True))
+        self.num_metadata_features = getattr(members[0], "num_metadata_features", 0)
+
+    def views(self, image: torch.Tensor) -> list[torch.Tensor]:
+        if self.tta == "none" or not self.uses_images or image.shape[-1] <= 1:
+            return [image]
+        return [image, image.flip(-1), image.flip(-2), image.flip((-2, -1))]
+
+    def member_probabilities(self, image: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+        """(members x views, B, classes) softmax outputs."""
+        return torch.stack([torch.softmax(member(view, metadata).float(), dim=1)
+                            for member in self.members for view in self.views(image)])
+
+    def forward(self, image: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+        mean = self.member_probabilities(image, metadata).mean(0)
+        return torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny))
+
+
 @dataclass
 class InferenceBundle:
     """A model ready to score, with the exact preprocessing it was trained with."""
@@ -93,12 +134,51 @@ class InferenceBundle:
         return self.image_config is not None
 
 
-def build_inference_bundle(state: dict[str, Any]) -> InferenceBundle:
+def ensemble_state(members: list[dict[str, Any]], tta: str = "none", sources: list[str] | None = None) -> dict[str, Any]:
+    """One checkpoint holding several members' inference states (same preprocessing and view)."""
+    if not members:
+        raise ValueError("an ensemble needs at least one member checkpoint")
+    first = members[0]
+    for i, member in enumerate(members[1:], start=1):
+        for key in ("preprocessor", "image_config", "labels"):
+            if member.get(key) != first.get(key):
+                name = (sources or [])[i] if sources and i < len(sources) else f"member {i}"
+                raise ValueError(f"{name} has a different {key} than the first member: an ensemble averages "
+                                 "models that read the same inputs the same way")
+    return {
+        "format_version": FORMAT_VERSION,
+        "members": [{k: m[k] for k in ("model_config", "model_state", "weights_source")} for m in members],
+        "member_sources": list(sources or []),
+        "tta": tta,
+        "preprocessor": first["preprocessor"],
+        "labels": first["labels"],
+        "image_config": first["image_config"],
+        "weights_source": first.get("weights_source", "unknown"),
+    }
+
+
+def _build_model(member: dict[str, Any]) -> nn.Module:
     from skinml.models import create_model_from_config
 
-    model = create_model_from_config(state["model_config"])
-    model.load_state_dict(state["model_state"])
-    model.eval()
+    model = create_model_from_config(member["model_config"])
+    model.load_state_dict(member["model_state"])
+    return model.eval()
+
+
+def build_inference_bundle(state: dict[str, Any], tta: str | None = None) -> InferenceBundle:
+    """The bundle of a checkpoint; an ensemble checkpoint (``members``) or a ``tta`` other than
+    "none" (here or in the checkpoint) gives an :class:`AveragedModel`."""
+    tta = tta or state.get("tta", "none")
+    if "members" in state:
+        model: nn.Module = AveragedModel([_build_model(m) for m in state["members"]], tta).eval()
+    else:
+        model = _build_model(state)
+        if tta != "none":
+            model = AveragedModel([model], tta).eval()
+    return _bundle(model, state)
+
+
+def _bundle(model: nn.Module, state: dict[str, Any]) -> InferenceBundle:
     uses_images = getattr(model, "uses_images", True)
     image_config = ImageConfig.from_dict(state["image_config"]) if state.get("image_config") and uses_images else None
     return InferenceBundle(
@@ -192,7 +272,7 @@ def decode_images(bundle: InferenceBundle, frame: pd.DataFrame) -> np.ndarray | 
     """The evaluation view of ``frame``'s photos (uint8, cached), or None for metadata-only models."""
     if not bundle.uses_images:
         return None
-    return build_split_arrays(frame, bundle.preprocessor, bundle.image_config.image_size).images
+    return build_split_arrays(frame, bundle.preprocessor, bundle.image_config.decode_size).images
 
 
 def score_frame(bundle: InferenceBundle, frame: pd.DataFrame, device: torch.device | str | None = None,

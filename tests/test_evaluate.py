@@ -72,12 +72,36 @@ def test_evaluate_logs_everything_and_is_repeatable(trained, synthetic_dir):
     for name in ("metrics.json", "predictions.csv", "report.txt", "confusion_matrix_counts.png",
                  "confusion_matrix_normalized.png", "confusion_matrix_counts.json", "roc_curves.png", "reliability.png"):
         assert files.get(name, 0) > 0, name
-    assert "How much the score leans on metadata" in first.report and "masked metadata" in first.report
+    assert "How much the score leans on metadata" in first.report and "metadata masked" in first.report
+    assert "metadata permuted across rows (neutral)" in first.report
+    for key in ("test_permuted_metadata_balanced_accuracy", "test_permuted_metadata_complete_balanced_accuracy",
+                "test_masked_metadata_complete_n"):
+        assert key in m, key
+    assert (preds["predicted_permuted_metadata"] != preds["predicted_masked_metadata"]).any() or \
+        m["test_permuted_metadata_accuracy"] != m["test_masked_metadata_accuracy"]
     gallery = {a.path.split("/")[-1]: a.file_size for a in client.list_artifacts(run_id, "evaluation/test/explanations")}
     assert gallery.get("gallery.html", 0) > 0 and gallery.get("gallery.json", 0) > 0
     html = tracking.download_artifact(run_id, "evaluation/test/explanations/gallery.html").read_text()
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html  # self-contained
     assert any(name.startswith("class_") and name.endswith(".png") for name in gallery)
+
+
+def test_evaluate_variant_is_logged_beside_the_run_own_figures(trained):
+    run_id = trained[0].run_id
+    own = evaluate_run(run_id, split="val", n_boot=0, explanations=False)
+    flips = evaluate_run(run_id, split="val", n_boot=0, explanations=False, view="crop", tta="flips")
+    assert set(flips.metrics) >= {"evalval_crop_flips_balanced_accuracy", "evalval_crop_flips_permuted_metadata_n"}
+    assert not any(k.startswith("evalval_crop_flips") for k in own.metrics)
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    assert run.data.metrics["evalval_balanced_accuracy"] == pytest.approx(own.metrics["evalval_balanced_accuracy"])
+    names = {a.path.split("/")[-1] for a in client.list_artifacts(run_id, "evaluation")}
+    assert {"val", "val-crop_flips"} <= names
+    # another view and four flips change the probabilities
+    cols = [f"p_{label}" for label in schema.LABELS]
+    assert not np.allclose(own.predictions[cols].to_numpy(), flips.predictions[cols].to_numpy())
+    with pytest.raises(ValueError, match="view must be one of"):
+        evaluate_run(run_id, split="val", n_boot=0, explanations=False, view="zoom")
 
 
 def test_evaluate_rejects_non_training_run(trained):

@@ -16,13 +16,18 @@ from skinml.cli.common import data_dir_option, device_type, empty_to_none, frien
 @click.option("--device", default="cpu", show_default=True, callback=device_type)
 @click.option("--explanations/--no-explanations", default=True, show_default=True,
               help="Log the explanation gallery (heatmaps + metadata contributions per class).")
+@click.option("--view", type=click.Choice(constants.EVAL_VIEWS), default=None,
+              help="Score the photos another way than the checkpoint was validated with (squash: whole photo; "
+                   "crop: training scale + centre crop); logged as a variant.")
+@click.option("--tta", type=click.Choice(("none", "flips")), default="none", show_default=True,
+              help="flips: average the probabilities over the four flips (logged as a variant).")
 @friendly_errors
-def evaluate(run_id, split_name, data_dir, n_boot, device, explanations):
+def evaluate(run_id, split_name, data_dir, n_boot, device, explanations, view, tta):
     """Score a training run on its split's test (or validation) rows and log everything."""
     from skinml.steps.evaluate import evaluate_run
 
     evaluate_run(run_id, split=split_name, data_dir=data_dir, n_boot=n_boot, device=device,
-                 explanations=explanations)
+                 explanations=explanations, view=view, tta=tta)
 
 
 @click.command()

@@ -17,12 +17,33 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """Everything needed to turn a photo into the tensor a model expects."""
+    """Everything needed to turn a photo into the tensor a model expects.
+
+    The view: the whole photo is squashed (bilinear) to ``decode_size`` x ``decode_size``, then
+    the centre ``image_size`` x ``image_size`` is kept. ``resize=0`` (the original design)
+    squashes straight to ``image_size``; ``resize`` = the training recipe's ``augment.resize``
+    shows the lesion at the scale training's random crops did (torchvision's evaluation presets).
+    """
 
     image_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     max_pixels: int = DEFAULT_MAX_PIXELS
+    resize: int = 0
+
+    def __post_init__(self) -> None:
+        if self.resize and self.resize < self.image_size:
+            raise ValueError(f"resize ({self.resize}) must be 0 or >= image_size ({self.image_size})")
+
+    @property
+    def decode_size(self) -> int:
+        """The side the photo is squashed to before the centre crop."""
+        return max(self.resize, self.image_size)
+
+    @property
+    def crop_offset(self) -> int:
+        """Top/left offset of the centre crop in the decoded image (torchvision's CenterCrop)."""
+        return int(round((self.decode_size - self.image_size) / 2.0))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -34,6 +55,7 @@ class ImageConfig:
             mean=tuple(float(x) for x in state["mean"]),
             std=tuple(float(x) for x in state["std"]),
             max_pixels=int(state.get("max_pixels", DEFAULT_MAX_PIXELS)),
+            resize=int(state.get("resize", 0)),  # checkpoints before the option: squash
         )
 
 

@@ -1,7 +1,8 @@
 """Image transform presets: one definition for training, evaluation and the served model.
 
-The evaluation path is: decode -> RGB -> square bilinear resize to ``image_size`` (uint8) ->
-float in [0, 1] -> normalise with the backbone's mean/std. Training decodes once to
+The evaluation path is: decode -> RGB -> square bilinear resize to ``decode_size`` (uint8) ->
+centre crop ``image_size`` (when ``resize`` is set) -> float in [0, 1] -> normalise with the
+backbone's mean/std. Training decodes once to
 ``train_resize`` and augments from the cached uint8 array.
 """
 
@@ -25,8 +26,9 @@ def uint8_to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def build_eval_transform(config: ImageConfig) -> v2.Compose:
-    """Acts on a CHW uint8 tensor already resized to ``config.image_size``."""
-    return v2.Compose(_normalize(config))
+    """Acts on a CHW uint8 tensor already resized to ``config.decode_size``."""
+    crop = [v2.CenterCrop(config.image_size)] if config.decode_size > config.image_size else []
+    return v2.Compose(crop + _normalize(config))
 
 
 def build_train_transform(config: ImageConfig, augment: AugmentConfig) -> v2.Compose:
@@ -54,5 +56,5 @@ def build_train_transform(config: ImageConfig, augment: AugmentConfig) -> v2.Com
 
 def prepare_image(source: str | bytes, config: ImageConfig, name: str | None = None) -> torch.Tensor:
     """Photo (path or encoded bytes) -> normalised CHW float tensor, exactly as in evaluation."""
-    array = resize_to_array(open_image(source, name=name, max_pixels=config.max_pixels), config.image_size)
+    array = resize_to_array(open_image(source, name=name, max_pixels=config.max_pixels), config.decode_size)
     return build_eval_transform(config)(uint8_to_tensor(array))

@@ -44,6 +44,8 @@ class Explanation:
     maps: dict[str, np.ndarray] = field(default_factory=dict)  # every image map, incl. "gradcam"
     input_size: int | None = None  # the model's square input side the maps were computed at
     map_offset: tuple[float, float] = (0.0, 0.0)  # receptive-field offset (dx, dy), input pixels
+    view_size: int | None = None  # the side the photo was squashed to before the centre crop
+    crop_offset: int = 0  # the centre crop's top/left offset in that square
     overlays: dict[str, bytes] = field(default_factory=dict)  # PNG per map, at photo_size
     metadata_contributions: list[FieldContribution] = field(default_factory=list)
     baseline: str = ""
@@ -68,9 +70,11 @@ class Explanation:
             "metadata_contributions": [c.to_dict() for c in self.metadata_contributions],
             "heatmaps": {name: np.round(grid, 6).tolist() for name, grid in self.maps.items()},
             "heatmap_geometry": {"input_size": self.input_size, "receptive_field_offset_px": list(self.map_offset),
-                                 "note": "the photo is squashed to input_size x input_size; grid cell (i, j) is "
-                                         "centred at ((j + 0.5) * input_size / w + dx, (i + 0.5) * input_size / h "
-                                         "+ dy) in that square"},
+                                 "view_size": self.view_size or self.input_size, "crop_offset_px": self.crop_offset,
+                                 "note": "the photo is squashed to view_size x view_size and its centre input_size "
+                                         "x input_size square (crop_offset_px in from the top and left) is what the "
+                                         "model saw; grid cell (i, j) is centred at ((j + 0.5) * input_size / w + dx "
+                                         "+ crop, (i + 0.5) * input_size / h + dy + crop) in the view_size square"},
             "warnings": self.warnings,
         }
         if include_images:
@@ -169,8 +173,11 @@ def explain_prepared(
         baseline_text = "not applicable: the model does not read the clinical answers"
 
     overlays = {}
+    view = bundle.image_config.decode_size if x is not None and bundle.image_config is not None else None
+    crop = bundle.image_config.crop_offset if view is not None else 0
     if photo is not None:
-        overlays = {name: png_bytes(overlay(photo, grid, x.shape[-1], offset)) for name, grid in maps.items()}
+        overlays = {name: png_bytes(overlay(photo, grid, x.shape[-1], offset, view_size=view, crop=crop))
+                    for name, grid in maps.items()}
     return Explanation(
         label=labels[int(np.argmax(probabilities))],
         probabilities={label: float(p) for label, p in zip(labels, probabilities)},
@@ -180,6 +187,8 @@ def explain_prepared(
         maps=maps,
         input_size=int(x.shape[-1]) if x is not None else None,
         map_offset=offset,
+        view_size=view,
+        crop_offset=crop,
         overlays=overlays,
         metadata_contributions=contributions,
         baseline=baseline_text,
@@ -218,5 +227,5 @@ def explain(
         picture = open_image(photo if isinstance(photo, bytes) else os.fspath(photo), name=name,
                              max_pixels=config.max_pixels)
         # The steps of skinml.data.transforms.prepare_image, with the decoded photo kept for the overlay.
-        image = build_eval_transform(config)(uint8_to_tensor(resize_to_array(picture, config.image_size)))
+        image = build_eval_transform(config)(uint8_to_tensor(resize_to_array(picture, config.decode_size)))
     return explain_prepared(bundle, image, encoded, values, picture, target, n_permutations, seed, warnings)

@@ -2,9 +2,15 @@
 
 Besides the usual metrics it measures how much the score leans on metadata (README, "Facts the code relies on"): the
 same metrics on rows with a complete questionnaire and on rows without, and the whole split
-scored again with every clinical field masked (set to missing, then imputed as in training).
+scored again without usable metadata, two ways: **masked** (every clinical field set to missing,
+then imputed with the training means/modes: exactly the encoding of the missing-questionnaire
+rows, which are all benign in PAD-UFES-20, so it measures fusion under a benign prior) and
+**permuted** (the clinical fields of each row replaced by those of another row of the same split,
+one seeded permutation: real answers that carry no information about this photo).
 Results go to the training run (stepless ``test_*`` metrics, ``evaluation/<split>/`` files)
-and, under ``mlflow run``, to the evaluate run too.
+and, under ``mlflow run``, to the evaluate run too. Another view of the photo or test-time flips
+(``view``, ``tta``) are logged as a variant: ``<prefix><variant>_*`` metrics and
+``evaluation/<split>-<variant>/`` files, so the run's own figures stay as they were.
 """
 
 from __future__ import annotations
@@ -42,6 +48,34 @@ class EvaluationResult:
     predictions: pd.DataFrame
 
 
+SUBSET_LABELS = {
+    "complete_metadata": "complete questionnaire",
+    "incomplete_metadata": "incomplete questionnaire",
+    "masked_metadata": "metadata masked (imputed: the benign prior)",
+    "permuted_metadata": "metadata permuted across rows (neutral)",
+    "masked_metadata_complete": "  masked, complete-questionnaire rows",
+    "permuted_metadata_complete": "  permuted, complete-questionnaire rows",
+}
+
+#: Seed of the permutation arm's row shuffle.
+PERMUTATION_SEED = 0
+
+
+def permute_metadata(frame: pd.DataFrame, seed: int = PERMUTATION_SEED) -> pd.DataFrame:
+    """Each row's clinical fields taken from another row of ``frame`` (one permutation of the
+    rows, all fields together; identifiers, label and photo kept)."""
+    order = np.random.default_rng(seed).permutation(len(frame))
+    permuted = frame.copy()
+    columns = [c for c in schema.FEATURES if c in frame.columns]
+    permuted[columns] = frame[columns].iloc[order].set_axis(frame.index)  # dtypes kept
+    return permuted
+
+
+def variant_name(view: str | None, tta: str) -> str:
+    """'' for the checkpoint as trained, else e.g. 'crop', 'flips', 'squash_flips'."""
+    return "_".join(part for part in (view or "", "" if tta == "none" else tta) if part)
+
+
 def _subset_metrics(y: np.ndarray, proba: np.ndarray, mask: np.ndarray) -> dict[str, Any] | None:
     if mask.sum() == 0:
         return None
@@ -49,14 +83,23 @@ def _subset_metrics(y: np.ndarray, proba: np.ndarray, mask: np.ndarray) -> dict[
 
 
 def evaluate_run(run_id: str, split: str = "test", data_dir: str | None = None, n_boot: int = 1000,
-                 device: str = "cpu", batch_size: int = 64, explanations: bool = True) -> EvaluationResult:
+                 device: str = "cpu", batch_size: int = 64, explanations: bool = True,
+                 view: str | None = None, tta: str = "none") -> EvaluationResult:
     """Score ``run_id``'s selected checkpoint on its own split and log everything to the run.
 
     With ``explanations`` an explanation gallery (per class, the most confident right and wrong
     cases with heatmaps and metadata contributions) goes to ``evaluation/<split>/explanations/``.
+    ``view`` ("squash"/"crop") scores the photos another way than the checkpoint's own view;
+    ``tta="flips"`` averages the probabilities over the four flips.
     """
+    from skinml.constants import EVAL_VIEWS
+
     if split not in SPLIT_PREFIX:
         raise ValueError(f"split must be one of {sorted(SPLIT_PREFIX)}, got {split!r}")
+    if view is not None and view not in EVAL_VIEWS:
+        raise ValueError(f"view must be one of {EVAL_VIEWS}, got {view!r}")
+    if tta not in inference.TTA_CHOICES:
+        raise ValueError(f"tta must be one of {inference.TTA_CHOICES}, got {tta!r}")
     tracking.setup_tracking()
     client = mlflow.MlflowClient()
     run = tracking.get_run(run_id)
@@ -64,7 +107,14 @@ def evaluate_run(run_id: str, split: str = "test", data_dir: str | None = None, 
         raise ValueError(f"run {run_id} is not a skinml training run (tag {tracking.TAG_STEP}={run.data.tags.get(tracking.TAG_STEP)!r})")
     start = time.perf_counter()
     state = inference.load_checkpoint(tracking.download_artifact(run_id, inference.BEST))
-    bundle = inference.build_inference_bundle(state)
+    bundle = inference.build_inference_bundle(state, tta=None if tta == "none" else tta)
+    if view is not None and bundle.image_config is not None:
+        from dataclasses import replace
+
+        train_resize = int(float(tracking.run_param(run, "augment.resize") or 0)) or bundle.image_config.image_size
+        bundle = replace(bundle, image_config=replace(bundle.image_config,
+                                                      resize=train_resize if view == "crop" else 0))
+    variant = variant_name(view, tta)
 
     from skinml.steps.split import load_split
 
@@ -80,15 +130,19 @@ def evaluate_run(run_id: str, split: str = "test", data_dir: str | None = None, 
     images = decode_images(bundle, frame)
     proba = score_frame(bundle, frame, dev, batch_size, images)
     masked_proba = score_frame(bundle, mask_metadata(frame), dev, batch_size, images)
+    permuted_proba = score_frame(bundle, permute_metadata(frame), dev, batch_size, images)
     complete = complete_questionnaire(frame)
 
-    prefix = SPLIT_PREFIX[split]
+    prefix = SPLIT_PREFIX[split] + (f"{variant}_" if variant else "")
     full = compute_metrics(y, proba)
-    ci = bootstrap_ci(y, proba.argmax(1), frame[schema.PATIENT_ID].to_numpy(), n_boot=n_boot, seed=0)
+    ci = bootstrap_ci(y, proba.argmax(1), frame[schema.PATIENT_ID].to_numpy(), n_boot=n_boot, seed=0) if n_boot else {}
     subsets = {
         "complete_metadata": _subset_metrics(y, proba, complete),
         "incomplete_metadata": _subset_metrics(y, proba, ~complete),
         "masked_metadata": compute_metrics(y, masked_proba),
+        "permuted_metadata": compute_metrics(y, permuted_proba),
+        "masked_metadata_complete": _subset_metrics(y, masked_proba, complete),
+        "permuted_metadata_complete": _subset_metrics(y, permuted_proba, complete),
     }
     flat = {**flatten_metrics(full, prefix=prefix), **flatten_ci(ci, prefix=prefix)}
     for name, metrics in subsets.items():
@@ -96,7 +150,7 @@ def evaluate_run(run_id: str, split: str = "test", data_dir: str | None = None, 
             sub = flatten_metrics(metrics, prefix=f"{prefix}{name}_")
             flat.update({k: v for k, v in sub.items() if k.split(f"{name}_", 1)[1] in
                          ("n", "accuracy", "balanced_accuracy", "auc_macro", "recall_MEL")})
-    if split == "test":
+    if split == "test" and not variant:
         for metric, summary in (("accuracy", "best_val_accuracy"), ("balanced_accuracy", "best_val_bacc")):
             if summary in run.data.metrics:
                 flat[f"val_test_gap_{metric}"] = run.data.metrics[summary] - full[metric]
@@ -105,11 +159,12 @@ def evaluate_run(run_id: str, split: str = "test", data_dir: str | None = None, 
     predictions = frame[[schema.IMAGE_ID, schema.PATIENT_ID, schema.TARGET]].rename(columns={schema.TARGET: "true"})
     predictions["predicted"] = [schema.LABELS[i] for i in proba.argmax(1)]
     predictions["predicted_masked_metadata"] = [schema.LABELS[i] for i in masked_proba.argmax(1)]
+    predictions["predicted_permuted_metadata"] = [schema.LABELS[i] for i in permuted_proba.argmax(1)]
     predictions["complete_metadata"] = complete
     for i, label in enumerate(schema.LABELS):
         predictions[f"p_{label}"] = proba[:, i]
 
-    report = _format(full, ci, subsets, flat, prefix, run, split)
+    report = _format(full, ci, subsets, flat, prefix, run, split + (f" ({variant})" if variant else ""))
     gallery = None
     if explanations:
         def gallery(out_dir: Path) -> None:
@@ -117,7 +172,8 @@ def evaluate_run(run_id: str, split: str = "test", data_dir: str | None = None, 
 
             write_gallery(bundle, frame, images, proba, out_dir)
 
-    _log(client, run_id, split, flat, full, ci, subsets, predictions, report, proba, y, gallery)
+    _log(client, run_id, split + (f"-{variant}" if variant else ""), flat, full, ci, subsets, predictions, report,
+         proba, y, gallery)
     print(report)
     return EvaluationResult(flat, report, predictions)
 
@@ -126,14 +182,14 @@ def _format(full, ci, subsets, flat, prefix, run, split) -> str:
     title = (f"{run.data.tags.get(tracking.TAG_MODEL, '?')} / recipe {run.data.tags.get(tracking.TAG_RECIPE, '?')} "
              f"- run {run.info.run_id[:8]} - {split} split")
     lines = [format_report(full, title=title, ci=ci), "", "How much the score leans on metadata:"]
-    lines.append(f"  {'subset':<22}{'n':>5}{'accuracy':>10}{'bal. acc':>10}{'MEL rec.':>10}")
-    rows = [("all rows", full), *((name.replace("_", " "), m) for name, m in subsets.items())]
+    lines.append(f"  {'subset':<44}{'n':>5}{'accuracy':>10}{'bal. acc':>10}{'MEL rec.':>10}")
+    rows = [("all rows", full), *((SUBSET_LABELS.get(name, name), m) for name, m in subsets.items())]
     for name, m in rows:
         if m is None:
-            lines.append(f"  {name:<22}{0:>5}   (no rows)")
+            lines.append(f"  {name:<44}{0:>5}   (no rows)")
             continue
         mel = m["melanoma"]["recall"] if m.get("melanoma") else float("nan")
-        lines.append(f"  {name:<22}{m['n']:>5}{m['accuracy']:>10.3f}{m['balanced_accuracy']:>10.3f}{mel:>10.3f}")
+        lines.append(f"  {name:<44}{m['n']:>5}{m['accuracy']:>10.3f}{m['balanced_accuracy']:>10.3f}{mel:>10.3f}")
     for metric in ("accuracy", "balanced_accuracy"):
         if f"val_test_gap_{metric}" in flat:
             lines.append(f"  validation - test gap, {metric}: {flat[f'val_test_gap_{metric}']:+.3f}")

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from skinml.constants import AUGMENT_DEVICES, IMBALANCE_CHOICES, METADATA_ENCODINGS, canonical_recipe
+from skinml.constants import AUGMENT_DEVICES, EVAL_VIEWS, IMBALANCE_CHOICES, METADATA_ENCODINGS, canonical_recipe
 from skinml.data.image_config import AugmentConfig
 
 
@@ -30,6 +30,10 @@ class Recipe:
     #: "workers": torchvision per image in DataLoader workers; "batch": the same distribution
     #: drawn per sample but applied to whole batches on the training device (fast on a GPU).
     augment_device: str = "workers"
+    #: How evaluation, serving and validation see a photo: "squash" (the whole photo squashed to
+    #: image_size, the original design) or "crop" (squashed to augment.resize, centre crop of
+    #: image_size: the lesion at the scale of training's random crops).
+    eval_view: str = "squash"
     # metadata
     include_biopsed: bool = False
     missing_indicators: bool = False
@@ -59,6 +63,8 @@ class Recipe:
             raise ValueError(f"metadata_encoding must be one of {METADATA_ENCODINGS}, got {self.metadata_encoding!r}")
         if self.augment_device not in AUGMENT_DEVICES:
             raise ValueError(f"augment_device must be one of {AUGMENT_DEVICES}, got {self.augment_device!r}")
+        if self.eval_view not in EVAL_VIEWS:
+            raise ValueError(f"eval_view must be one of {EVAL_VIEWS}, got {self.eval_view!r}")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
         if self.scheduler not in ("cosine", "none"):

@@ -1,0 +1,177 @@
+"""Model-quality machinery: one geometry for training and evaluation, flip TTA, ensembles,
+the permutation ("neutral") metadata arm."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from skinml import inference
+from skinml.data import schema
+from skinml.data.image_config import AugmentConfig, ImageConfig
+from skinml.data.images import open_image, resize_to_array
+from skinml.data.transforms import build_train_transform, prepare_image, uint8_to_tensor
+from skinml.models import create_model
+from skinml.training.augment import BatchAugment
+from skinml.training.prepare import build_model
+from skinml.training.recipe import resolve_recipe
+
+PHOTO_W, PHOTO_H = 600, 400
+DISC = 150  # disc radius in photo pixels, horizontally and vertically
+
+
+def _disc_photo() -> bytes:
+    image = Image.new("RGB", (PHOTO_W, PHOTO_H), (0, 0, 0))
+    cx, cy = PHOTO_W // 2, PHOTO_H // 2
+    ImageDraw.Draw(image).ellipse((cx - DISC, cy - DISC, cx + DISC, cy + DISC), fill=(255, 255, 255))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _disc_width(chw: torch.Tensor) -> int:
+    """Bright pixels on the middle row of a (3, S, S) view (normalised or uint8)."""
+    row = chw[0, chw.shape[1] // 2].float()
+    return int((row > row.min() + (row.max() - row.min()) / 2).sum())
+
+
+#: Only the crop is random: the other augmentations would change the measured width.
+GEOMETRY_ONLY = AugmentConfig(resize=257, hflip=0, vflip=0, brightness=0, contrast=0, saturation=0, hue=0,
+                              rotation=0, translate=0, scale=(1.0, 1.0), blur_kernel=0, blur_p=0, erasing_p=0)
+
+
+def _training_views(config: ImageConfig, n: int = 8) -> list[torch.Tensor]:
+    photo = open_image(_disc_photo())
+    decoded = uint8_to_tensor(resize_to_array(photo, GEOMETRY_ONLY.resize))
+    torch.manual_seed(0)
+    per_image = [build_train_transform(config, GEOMETRY_ONLY)(decoded) for _ in range(n)]
+    batched = BatchAugment(config, GEOMETRY_ONLY)(decoded[None].repeat(n, 1, 1, 1), torch.Generator().manual_seed(0))
+    return per_image + list(batched)
+
+
+def test_crop_view_shows_the_lesion_at_the_training_scale(synthetic_dir):
+    recipe = resolve_recipe("default", model="cnn_fusion", backbone="test_efficientnet", pretrained="none",
+                            eval_view="crop", augment_resize=257, image_size=224)
+    from skinml.data.preprocess import MetadataPreprocessor
+
+    _, config = build_model(recipe, MetadataPreprocessor(False, False).fit(_frame(synthetic_dir)))
+    assert (config.resize, config.decode_size, config.image_size) == (257, 257, 224)
+    widths = {_disc_width(view) for view in _training_views(config)}
+    evaluated = _disc_width(prepare_image(_disc_photo(), config))
+    # The disc spans 300 of the photo's 600 px: 128.5 px at the 257-px training scale.
+    assert all(abs(w - 128.5) <= 1.5 for w in widths), widths
+    assert abs(evaluated - 128.5) <= 1.5
+    assert max(abs(evaluated - w) for w in widths) <= 2
+
+
+def test_squash_view_is_the_smaller_scale_the_crop_view_fixes():
+    config = ImageConfig(image_size=224)  # resize=0: the original design
+    widths = {_disc_width(view) for view in _training_views(config)}
+    evaluated = _disc_width(prepare_image(_disc_photo(), config))
+    assert abs(evaluated - 112) <= 1.5  # 300 / 600 * 224
+    assert min(abs(evaluated - w) for w in widths) >= 14  # 12% smaller than every training view
+
+
+def test_image_config_round_trip_and_old_checkpoints():
+    config = ImageConfig(image_size=224, resize=257)
+    assert ImageConfig.from_dict(config.to_dict()) == config
+    assert config.crop_offset == 16  # torchvision CenterCrop: round(33 / 2)
+    old = {k: v for k, v in config.to_dict().items() if k != "resize"}
+    assert ImageConfig.from_dict(old).resize == 0  # checkpoints from before the option squash
+    with pytest.raises(ValueError, match="resize"):
+        ImageConfig(image_size=224, resize=200)
+
+
+def test_recipe_rejects_an_unknown_view():
+    with pytest.raises(ValueError, match="eval_view must be one of"):
+        resolve_recipe("default", eval_view="zoom")
+
+
+# -- averaged models: TTA and ensembles -----------------------------------------------------------
+
+
+def _frame(synthetic_dir, n: int = 12) -> pd.DataFrame:
+    from skinml.data.source import load_metadata
+
+    return load_metadata(str(synthetic_dir)).head(n).reset_index(drop=True)
+
+
+def _members(k: int, n_features: int) -> list[torch.nn.Module]:
+    members = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        members.append(create_model("cnn_fusion", n_features, backbone="test_efficientnet", pretrained="none").eval())
+    return members
+
+
+def test_ensemble_probabilities_are_the_mean_of_its_members():
+    torch.manual_seed(0)
+    image, metadata = torch.randn(5, 3, 32, 32), torch.randn(5, 7)
+    members = _members(3, 7)
+    each = [torch.softmax(m(image, metadata), 1) for m in members]
+    ensemble = inference.AveragedModel(members)
+    with torch.no_grad():
+        got = torch.softmax(ensemble(image, metadata), 1)
+    torch.testing.assert_close(got, torch.stack(each).mean(0).detach(), rtol=1e-5, atol=1e-6)
+    # and not any one member's
+    assert all((got - p.detach()).abs().max() > 1e-4 for p in each)
+
+
+def test_flip_tta_averages_the_four_flips():
+    torch.manual_seed(1)
+    image, metadata = torch.randn(4, 3, 32, 32), torch.randn(4, 7)
+    model = _members(1, 7)[0]
+    flips = [image, image.flip(-1), image.flip(-2), image.flip((-2, -1))]
+    with torch.no_grad():
+        expected = torch.stack([torch.softmax(model(v, metadata), 1) for v in flips]).mean(0)
+        got = torch.softmax(inference.AveragedModel([model], "flips")(image, metadata), 1)
+        plain = torch.softmax(model(image, metadata), 1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (got - plain).abs().max() > 1e-4
+
+
+def test_ensemble_checkpoint_round_trip_and_mismatch(tiny_training, tmp_path, synthetic_dir):
+    state = inference.load_checkpoint(tiny_training.checkpoint)
+    other = dict(state, model_state={k: v + 0.01 if v.is_floating_point() else v
+                                     for k, v in state["model_state"].items()})
+    saved = inference.save_checkpoint(inference.ensemble_state([state, other], "flips", ["run-a", "run-b"]),
+                                      tmp_path / "ensemble.pt")
+    bundle = inference.load_bundle(saved)
+    assert isinstance(bundle.model, inference.AveragedModel)
+    assert len(bundle.model.members) == 2 and bundle.model.tta == "flips"
+    frame = _frame(synthetic_dir, 6)
+    images = torch.rand(6, 3, bundle.image_config.image_size, bundle.image_config.image_size)
+    metadata = torch.as_tensor(bundle.preprocessor.transform(frame))
+    got = inference.predict_tensors(bundle.model, images, metadata)
+    singles = [inference.predict_tensors(inference.build_inference_bundle(s, tta="flips").model, images, metadata)
+               for s in (state, other)]
+    np.testing.assert_allclose(got, np.mean(singles, axis=0), rtol=1e-5, atol=1e-6)
+
+    changed = dict(other, image_config={**state["image_config"], "image_size": 40})
+    with pytest.raises(ValueError, match="run-b has a different image_config"):
+        inference.ensemble_state([state, changed], sources=["run-a", "run-b"])
+
+
+# -- the permutation arm -------------------------------------------------------------------------
+
+
+def test_permuted_metadata_moves_whole_rows_and_keeps_identity(synthetic_dir):
+    from skinml.steps.evaluate import permute_metadata
+
+    frame = _frame(synthetic_dir, 30)
+    permuted = permute_metadata(frame, seed=0)
+    features = [c for c in schema.FEATURES if c in frame.columns]
+    keep = [c for c in frame.columns if c not in features]
+    pd.testing.assert_frame_equal(permuted[keep], frame[keep])
+    order = np.random.default_rng(0).permutation(len(frame))
+    pd.testing.assert_frame_equal(permuted[features].reset_index(drop=True),
+                                  frame[features].iloc[order].reset_index(drop=True))
+    assert (order != np.arange(len(frame))).sum() > 20  # most rows got another patient's answers
+    # the same answers overall: a neutral arm, not an imputed one
+    for column in features:
+        assert sorted(map(str, permuted[column].tolist())) == sorted(map(str, frame[column].tolist()))
