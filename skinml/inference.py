@@ -104,6 +104,15 @@ class AveragedModel(nn.Module):
         self.uses_metadata = bool(getattr(members[0], "uses_metadata", True))
         self.num_metadata_features = getattr(members[0], "num_metadata_features", 0)
 
+    def image_backbones(self):
+        """Every member's backbones (for holding the photo's features fixed while explaining the
+        metadata); none with flips, whose views need features of their own."""
+        if self.tta != "none":
+            return
+        for member in self.members:
+            if hasattr(member, "image_backbones"):
+                yield from member.image_backbones()
+
     def views(self, image: torch.Tensor) -> list[torch.Tensor]:
         if self.tta == "none" or not self.uses_images or image.shape[-1] <= 1:
             return [image]

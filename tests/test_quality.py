@@ -175,3 +175,26 @@ def test_permuted_metadata_moves_whole_rows_and_keeps_identity(synthetic_dir):
     # the same answers overall: a neutral arm, not an imputed one
     for column in features:
         assert sorted(map(str, permuted[column].tolist())) == sorted(map(str, frame[column].tolist()))
+
+
+def test_explaining_an_ensemble_averages_its_members_maps(tiny_training, tmp_path, synthetic_dir):
+    from skinml.explain import explain
+    from skinml.explain import image as image_attr
+
+    state = inference.load_checkpoint(tiny_training.checkpoint)
+    other = dict(state, model_state={k: v * 1.05 if v.is_floating_point() else v
+                                     for k, v in state["model_state"].items()})
+    bundle = inference.load_bundle(inference.save_checkpoint(inference.ensemble_state([state, other]),
+                                                             tmp_path / "ensemble.pt"))
+    photo = next(iter(sorted((synthetic_dir / "images").glob("*.png"))))
+    result = explain(bundle, photo, {"age": 60}, n_permutations=4)
+    x = prepare_image(photo.read_bytes(), bundle.image_config)[None]
+    from skinml.explain.core import clinical_frame
+
+    m = torch.as_tensor(bundle.preprocessor.transform(clinical_frame(bundle, {"age": 60})))
+    target = schema.LABELS.index(result.target)
+    grids = np.mean([image_attr.gradcam(member, x, m, target) for member in bundle.model.members], axis=0)
+    np.testing.assert_allclose(result.heatmap, grids / grids.max(), atol=1e-6)
+    assert "mean over the 2 ensemble members" in result.method
+    total = sum(c.contribution for c in result.metadata_contributions)
+    assert total == pytest.approx(result.probabilities[result.target] - result.baseline_probability, abs=1e-4)

@@ -29,7 +29,7 @@ from skinml.explain import image as image_attr
 from skinml.explain import metadata as metadata_attr
 from skinml.explain.metadata import FieldContribution
 from skinml.explain.overlay import overlay, png_bytes
-from skinml.inference import InferenceBundle
+from skinml.inference import AveragedModel, InferenceBundle
 
 
 @dataclass
@@ -147,14 +147,21 @@ def explain_prepared(
     methods = []
     maps: dict[str, np.ndarray] = {}
     offset = (0.0, 0.0)
+    members = list(model.members) if isinstance(model, AveragedModel) else [model]
     if x is not None:
-        offset = image_attr.receptive_field_offset(model, x.shape[-1])
-        layer = image_attr.gradcam_layer(model)
-        maps["gradcam"] = image_attr.gradcam(model, x, m, target_index)
-        methods.append(f"image: Grad-CAM (Captum LayerGradCam, ReLU, scaled to [0, 1]) of the {labels[target_index]} "
+        offset = image_attr.receptive_field_offset(members[0], x.shape[-1])
+        layer = image_attr.gradcam_layer(members[0])
+        # An ensemble's map is the mean of its members' maps (each scaled to [0, 1]), on the photo
+        # as sent: test-time flips change the probabilities, not where the evidence is drawn.
+        grids = [image_attr.gradcam(member, x, m, target_index) for member in members]
+        maps["gradcam"] = np.mean(grids, axis=0)
+        peak = maps["gradcam"].max()
+        maps["gradcam"] = maps["gradcam"] / peak if peak > 0 else maps["gradcam"]
+        of = f"the mean over the {len(members)} ensemble members of " if len(members) > 1 else ""
+        methods.append(f"image: Grad-CAM (Captum LayerGradCam, ReLU, scaled to [0, 1]) of {of}the {labels[target_index]} "
                        f"logit on {layer.description}, clinical answers held fixed; cells placed at their measured "
                        "receptive-field centres on the photo")
-        attention = image_attr.attention_maps(model, x, m)
+        attention = image_attr.attention_maps(members[0], x, m) if len(members) == 1 else {}
         if attention:
             maps.update(attention)
             methods.append("image: spatial_fusion's cross-attention weights over its tokens (CLS query and "
