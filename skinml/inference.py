@@ -143,6 +143,13 @@ class InferenceBundle:
         return self.image_config is not None
 
 
+def model_name(state: dict[str, Any]) -> str:
+    """The model a checkpoint holds ("cnn_fusion"; "cnn_fusion x5" for an ensemble of five)."""
+    if "members" in state:
+        return f"{state['members'][0]['model_config']['name']} x{len(state['members'])}"
+    return state["model_config"]["name"]
+
+
 def ensemble_state(members: list[dict[str, Any]], tta: str = "none", sources: list[str] | None = None) -> dict[str, Any]:
     """One checkpoint holding several members' inference states (same preprocessing and view)."""
     if not members:

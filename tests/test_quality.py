@@ -4,6 +4,7 @@ the permutation ("neutral") metadata arm."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -198,3 +199,48 @@ def test_explaining_an_ensemble_averages_its_members_maps(tiny_training, tmp_pat
     assert "mean over the 2 ensemble members" in result.method
     total = sum(c.contribution for c in result.metadata_contributions)
     assert total == pytest.approx(result.probabilities[result.target] - result.baseline_probability, abs=1e-4)
+
+
+def test_ensemble_run_is_scored_registered_and_served_as_the_mean(mlflow_store, synthetic_dir):
+    import mlflow
+
+    from skinml.steps.ensemble import TAG_ENSEMBLE_OF, build_ensemble
+    from skinml.steps.evaluate import evaluate_run
+    from skinml.steps.register import register_run
+    from skinml.steps.train import train
+    from tests.test_training import tiny
+
+    first = train(tiny(epochs=1), data_dir=str(synthetic_dir), seed=0, num_workers=0)
+    split = mlflow.MlflowClient().get_run(first.run_id).data.params["split_run_id"]
+    second = train(tiny(epochs=1), data_dir=str(synthetic_dir), split=split, seed=1, num_workers=0)
+    result = build_ensemble([first.run_id, second.run_id], data_dir=str(synthetic_dir))
+    run = mlflow.MlflowClient().get_run(result.run_id)
+    assert run.data.tags[TAG_ENSEMBLE_OF] == f"{first.run_id},{second.run_id}"
+    assert run.data.tags["skinml.step"] == "train" and run.data.params["seed"] == "ensemble:0,1"
+    assert 0 <= run.data.metrics["best_val_bacc"] <= 1 and run.data.metrics["ensemble_size"] == 2
+
+    # its test predictions are the mean of its members'
+    preds = [evaluate_run(r, n_boot=0, explanations=False).predictions for r in (first.run_id, second.run_id)]
+    ens = evaluate_run(result.run_id, n_boot=0, explanations=False).predictions
+    cols = [f"p_{label}" for label in schema.LABELS]
+    np.testing.assert_allclose(ens[cols].to_numpy(), (preds[0][cols].to_numpy() + preds[1][cols].to_numpy()) / 2,
+                               atol=1e-5)
+
+    # registered and loaded as one pyfunc version: the same probabilities
+    info = register_run(result.run_id, force=True)
+    served = mlflow.pyfunc.load_model(info["model_uri"])
+    from skinml.data.source import load_metadata
+    from tests.test_serving import b64, clinical_records
+
+    rows = load_metadata(synthetic_dir).set_index(schema.IMAGE_ID).loc[ens[schema.IMAGE_ID][:4]].reset_index()
+    request = pd.DataFrame([{"image": b64(Path(p).read_bytes()), **fields}
+                            for p, fields in zip(rows["image_path"], clinical_records(rows))])
+    out = served.predict(request)
+    np.testing.assert_allclose(out[list(schema.LABELS)].to_numpy(dtype=float), ens[cols].to_numpy()[:4], atol=1e-4)
+
+    with pytest.raises(ValueError, match="itself an ensemble"):
+        build_ensemble([result.run_id, first.run_id], data_dir=str(synthetic_dir))
+    other = train(tiny(epochs=1, label_smoothing=0.2), data_dir=str(synthetic_dir), split=split, seed=2,
+                  num_workers=0)
+    with pytest.raises(ValueError, match="recipe.label_smoothing"):
+        build_ensemble([first.run_id, other.run_id], data_dir=str(synthetic_dir))

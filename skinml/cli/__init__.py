@@ -23,7 +23,7 @@ import click
 _COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("skinml.cli.data", ("split", "synth")),
     ("skinml.cli.training", ("train", "main_pipeline", "study", "list_models", "benchmark_train")),
-    ("skinml.cli.evaluation", ("evaluate", "compare")),
+    ("skinml.cli.evaluation", ("evaluate", "compare", "ensemble")),
     ("skinml.cli.serving", ("register", "predict", "score", "benchmark_serving")),
     ("skinml.cli.explain", ("explain",)),
     ("skinml.cli.app", ("app", "app_calibrate")),

@@ -45,3 +45,23 @@ def compare(run_ids, experiments, filter_string, out, no_log):
 
     compare_runs(list(run_ids) or None, [e for e in experiments if e] or None, filter_string,
                  out or "outputs/compare", log=not no_log)
+
+
+@click.command()
+@click.option("--runs", "run_ids", required=True,
+              help="Comma-separated training runs of one model, recipe and split (e.g. the seeds of a configuration).")
+@click.option("--tta", type=click.Choice(("none", "flips")), default="none", show_default=True,
+              help="flips: each member also averages over the four flips of the photo.")
+@data_dir_option
+@click.option("--device", default="cpu", show_default=True, callback=device_type)
+@click.option("--run-name", default=None, callback=empty_to_none)
+@friendly_errors
+def ensemble(run_ids, tta, data_dir, device, run_name):
+    """Average training runs' checkpoints into one run that evaluate, compare and register take.
+
+    Its validation summaries (best_val_bacc ...) are computed on the split's validation rows, so
+    `skinml register --run-id` makes it champion only if validation says it is better.
+    """
+    from skinml.steps.ensemble import build_ensemble
+
+    build_ensemble(run_ids.split(","), tta=tta, data_dir=data_dir, device=device, run_name=run_name)

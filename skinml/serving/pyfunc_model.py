@@ -99,7 +99,7 @@ class SkinLesionClassifier(PythonModel):
         self.bundle = inference.build_inference_bundle(state)
         self.bundle.model.eval()
         self.limits = ServingLimits.from_dict(context.model_config)
-        log.info("loaded %s (%s weights) with %d torch threads; limits %s", state["model_config"]["name"],
+        log.info("loaded %s (%s weights) with %d torch threads; limits %s", inference.model_name(state),
                  self.bundle.weights_source, threads, self.limits.to_dict())
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:

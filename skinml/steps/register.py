@@ -205,7 +205,7 @@ def log_pyfunc_model(train_run_id: str, limits: serving_schema.ServingLimits | N
             input_example=serving_schema.input_example(bundle.preprocessor),
             pip_requirements=pip_requirements(),
             model_config=limits.to_dict(),
-            metadata={"skinml": {"train_run_id": train_run_id, "model": state["model_config"]["name"],
+            metadata={"skinml": {"train_run_id": train_run_id, "model": inference.model_name(state),
                                  "labels": bundle.labels, "weights_source": bundle.weights_source}},
         )
 
