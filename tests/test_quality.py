@@ -244,3 +244,14 @@ def test_ensemble_run_is_scored_registered_and_served_as_the_mean(mlflow_store, 
                   num_workers=0)
     with pytest.raises(ValueError, match="recipe.label_smoothing"):
         build_ensemble([first.run_id, other.run_id], data_dir=str(synthetic_dir))
+
+
+def test_fusion_widths_are_options_and_old_configs_keep_theirs():
+    model = create_model("cnn_fusion", 9, backbone="test_efficientnet", pretrained="none", metadata_dim=32, head_dim=128)
+    assert model.head[0].in_features == model.backbone.num_features + 32 and model.head[0].out_features == 128
+    assert model.metadata_mlp.layers[0].out_features == 32
+    assert (model.config["options"]["metadata_dim"], model.config["options"]["head_dim"]) == (32, 128)
+    default = create_model("cnn_fusion", 9, backbone="test_efficientnet", pretrained="none")
+    assert default.head[0].in_features == default.backbone.num_features + 64  # the original design
+    with pytest.raises(ValueError, match="metadata_dim must be a whole number"):
+        create_model("cnn_fusion", 9, backbone="test_efficientnet", pretrained="none", metadata_dim=0)

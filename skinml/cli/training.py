@@ -1,4 +1,4 @@
-"""``skinml train``, ``skinml main``, ``skinml study`` and ``skinml models``."""
+"""``skinml train``, ``skinml main``, ``skinml study``, ``skinml sweep``, ``skinml cv`` and ``skinml models``."""
 
 from __future__ import annotations
 
@@ -154,3 +154,31 @@ def benchmark_train(recipe, extra, data_dir, split_ref, device, num_workers, ste
                                 "end_to_end_images_per_second": result.end_to_end_images_per_second,
                                 "end_to_end_ratio": result.ratio})
             click.echo(f"logged to run {run.info.run_id}")
+
+
+@click.command()
+@recipe_options
+@data_dir_option
+@click.option("--study", "study_name", required=True, help="Optuna study name; the same name continues the study.")
+@click.option("--trials", "n_trials", default=20, show_default=True, type=click.IntRange(1),
+              help="Finished (completed or pruned) trials to reach, counting earlier runs of this study.")
+@click.option("--split", "split_ref", default=None, callback=empty_to_none,
+              help="Split run id (or manifest path); made with the defaults when omitted.")
+@click.option("--seed", default=42, show_default=True, type=int, help="Training seed of every trial.")
+@click.option("--storage", default=None, callback=empty_to_none,
+              help="Optuna storage URL (default: sqlite optuna.db beside mlflow.db).")
+@click.option("--sampler-seed", default=0, show_default=True, type=int)
+@click.option("--prune/--no-prune", default=True, show_default=True,
+              help="Median pruner on each epoch's validation balanced accuracy.")
+@device_option
+@click.option("--num-workers", default=None, type=click.IntRange(0), help="DataLoader workers (default: by device).")
+@experiment_option
+@friendly_errors
+def sweep(recipe, extra, data_dir, study_name, n_trials, split_ref, seed, storage, sampler_seed, prune, device,
+          num_workers, experiment, **overrides):
+    """Optuna search of the recipe's hyperparameters: one parent run, a child run per trial, resumable."""
+    resolved = build_recipe(recipe, extra, **overrides)
+    from skinml.steps.sweep import run_sweep
+
+    run_sweep(resolved, study_name, n_trials, split=split_ref, data_dir=data_dir, seed=seed, storage=storage,
+              sampler_seed=sampler_seed, prune=prune, experiment=experiment, device=device, num_workers=num_workers)

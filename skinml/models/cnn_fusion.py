@@ -33,14 +33,15 @@ class MetadataMLP(nn.Module):
     BatchNorm1d cannot train on a batch of one; training should drop a last batch of size 1.
     """
 
-    def __init__(self, num_features: int, dropout: float) -> None:
+    def __init__(self, num_features: int, dropout: float, width: int = METADATA_EMBED_DIM) -> None:
         super().__init__()
         self.num_features = num_features
+        self.width = width
         self.layers = nn.Sequential(
-            nn.Linear(num_features, METADATA_EMBED_DIM),
-            nn.BatchNorm1d(METADATA_EMBED_DIM),
+            nn.Linear(num_features, width),
+            nn.BatchNorm1d(width),
             nn.ReLU(inplace=True),
-            nn.Linear(METADATA_EMBED_DIM, METADATA_EMBED_DIM),
+            nn.Linear(width, width),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
         )
@@ -59,14 +60,20 @@ def check_metadata(metadata: torch.Tensor, num_features: int) -> None:
         )
 
 
-def classifier_head(in_features: int, dropout: float) -> nn.Sequential:
+def classifier_head(in_features: int, dropout: float, hidden: int = HEAD_HIDDEN_DIM) -> nn.Sequential:
     """``Linear(in -> 256) -> ReLU -> Dropout -> Linear(256 -> NUM_CLASSES)``, in LABELS order."""
     return nn.Sequential(
-        nn.Linear(in_features, HEAD_HIDDEN_DIM),
+        nn.Linear(in_features, hidden),
         nn.ReLU(inplace=True),
         nn.Dropout(dropout),
-        nn.Linear(HEAD_HIDDEN_DIM, NUM_CLASSES),
+        nn.Linear(hidden, NUM_CLASSES),
     )
+
+
+def check_width(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
+        raise ValueError(f"{name} must be a whole number from 1 to 4096, got {value!r}")
+    return value
 
 
 def build_cnn_branch(backbone: str, pretrained: str, data_config: dict | None) -> tuple[LoadedBackbone, dict]:
@@ -90,11 +97,15 @@ class MultiModalCNNFusion(SkinClassifier):
         pretrained: str = "auto",
         metadata_dropout: float = 0.3,
         head_dropout: float = 0.5,
+        metadata_dim: int = METADATA_EMBED_DIM,
+        head_dim: int = HEAD_HIDDEN_DIM,
         data_config: dict | None = None,
     ) -> None:
         super().__init__()
         # Every option is checked before the backbone, which may load weights, is built.
         self.num_metadata_features = check_num_metadata_features(num_metadata_features)
+        metadata_dim = check_width("metadata_dim", metadata_dim)
+        head_dim = check_width("head_dim", head_dim)
         backbone = check_backbone_name(backbone)
         pretrained = check_pretrained(pretrained)
         metadata_dropout = check_probability("metadata_dropout", metadata_dropout)
@@ -103,8 +114,8 @@ class MultiModalCNNFusion(SkinClassifier):
 
         loaded, self.data_config = build_cnn_branch(backbone, pretrained, data_config)
         self.backbone = loaded.module
-        self.metadata_mlp = MetadataMLP(self.num_metadata_features, metadata_dropout)
-        self.head = classifier_head(self.backbone.num_features + METADATA_EMBED_DIM, head_dropout)
+        self.metadata_mlp = MetadataMLP(self.num_metadata_features, metadata_dropout, metadata_dim)
+        self.head = classifier_head(self.backbone.num_features + metadata_dim, head_dropout, head_dim)
 
         self.weights_source = loaded.weights_source
         self.backbone_names = (backbone,)
@@ -113,6 +124,8 @@ class MultiModalCNNFusion(SkinClassifier):
             "pretrained": pretrained,
             "metadata_dropout": metadata_dropout,
             "head_dropout": head_dropout,
+            "metadata_dim": metadata_dim,
+            "head_dim": head_dim,
             "data_config": json_data_config(self.data_config),
         }
 
@@ -123,7 +136,7 @@ class MultiModalCNNFusion(SkinClassifier):
         return self.head[-1]
 
     def forward_features(self, image: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
-        """The fused vector ``(B, backbone.num_features + 64)`` the head classifies."""
+        """The fused vector ``(B, backbone.num_features + metadata_dim)`` the head classifies."""
         return torch.cat([self.backbone(image), self.metadata_mlp(metadata)], dim=1)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlflow
 import numpy as np
@@ -73,12 +73,15 @@ def train(
     run_name: str | None = None,
     max_epochs_this_call: int | None = None,
     extra_tags: dict[str, str] | None = None,
+    epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train ``recipe`` on a split (run id or manifest path; made with defaults when None).
 
     ``resume`` names a run whose ``last`` checkpoint is continued with the same optimiser,
     scheduler and sampler state. ``max_epochs_this_call`` stops early without marking the run
-    finished-early (used to simulate interruptions in tests).
+    finished-early (used to simulate interruptions in tests). ``epoch_callback(epoch, row)`` runs
+    after each epoch is logged and checkpointed (the sweep's pruner; an exception it raises ends
+    the run as FAILED, with everything up to that epoch kept).
     """
     dev = pick_device(device)
     resume_state = None
@@ -130,7 +133,7 @@ def train(
             _carry_over(resume, state)
         with tempfile.TemporaryDirectory() as tmp:
             hook = _EpochLogger(Path(tmp), model, data, image_config, recipe, seed, split_ref, optimizer, scheduler,
-                                loaders)
+                                loaders, epoch_callback)
             state = fit(model, loaders.train, loaders.val, loaders.val_arrays.labels, criterion, optimizer, scheduler,
                         dev, recipe, state, on_epoch_end=hook, max_epochs=max_epochs_this_call,
                         before_epoch=loaders.set_epoch,
@@ -175,11 +178,13 @@ class _EpochLogger:
     """After each epoch: the curve row to MLflow, ``best.pt`` on improvement, ``last.pt`` always."""
 
     def __init__(self, tmp: Path, model, data: TrainingData, image_config: ImageConfig | None, recipe: Recipe,
-                 seed: int, split_ref: SplitRef, optimizer, scheduler, loaders: Loaders) -> None:
+                 seed: int, split_ref: SplitRef, optimizer, scheduler, loaders: Loaders,
+                 callback: Callable[[int, dict[str, float]], None] | None = None) -> None:
         self.tmp, self.model, self.data, self.image_config = tmp, model, data, image_config
         self.recipe, self.seed, self.split_ref = recipe, seed, split_ref
         self.optimizer, self.scheduler, self.loaders = optimizer, scheduler, loaders
         self.best_proba: np.ndarray | None = None
+        self.callback = callback
 
     def _state(self) -> dict[str, Any]:
         state = inference.inference_state(self.model, self.data.preprocessor, self.image_config)
@@ -200,6 +205,8 @@ class _EpochLogger:
             train_state=end.state.to_dict(), split_run_id=self.split_ref.run_id, split_source=self.split_ref.source,
         )
         mlflow.log_artifact(str(inference.save_checkpoint(last, self.tmp / "last.pt")), "checkpoints")
+        if self.callback is not None:
+            self.callback(end.epoch, dict(end.row))
 
 
 def _training_run(reopen: str | None, run_name: str, tags: dict[str, str], experiment: str | None):

@@ -1,0 +1,192 @@
+"""A hyperparameter sweep with Optuna, every trial a child run of one MLflow parent run.
+
+``skinml sweep --study NAME --trials N`` searches what the original design planned to tune (the
+metadata MLP width, the fusion head's width, dropouts, both learning rates, questionnaire
+dropout; heads and projection size for ``spatial_fusion``) with Optuna's TPE sampler and a
+median pruner fed each epoch's validation balanced accuracy. The objective is the trial's
+``best_val_bacc`` (validation balanced accuracy at the epoch training selects): the test split
+plays no part.
+
+**Resumable from the store.** The Optuna study lives in an RDB storage (``optuna.db`` beside
+``mlflow.db``, or ``--storage``); the MLflow parent run is found again by its tag
+``skinml.sweep_study``. Running the same command again continues the same study under the same
+parent until ``N`` trials have finished (completed or pruned); a trial left RUNNING by a killed
+process is marked FAIL (its child run stays as it was left) and does not count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from skinml import tracking
+from skinml.training.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+TAG_STUDY = "skinml.sweep_study"
+TAG_TRIAL = "skinml.sweep_trial"
+TAG_PRUNED = "skinml.pruned"
+
+
+@dataclass
+class SweepResult:
+    study_name: str
+    parent_run_id: str
+    best_value: float | None
+    best_params: dict[str, Any]
+    best_run_id: str | None
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+
+
+def default_storage() -> str:
+    return f"sqlite:///{tracking.project_root() / 'optuna.db'}"
+
+
+def suggest(trial, model: str) -> dict[str, Any]:
+    """One point of the search space, as recipe fields (``model_options`` for the model's own)."""
+    fields: dict[str, Any] = {
+        "lr_backbone": trial.suggest_float("lr_backbone", 3e-5, 3e-4, log=True),
+        "lr_head": trial.suggest_float("lr_head", 3e-4, 3e-3, log=True),
+        "questionnaire_dropout": trial.suggest_float("questionnaire_dropout", 0.0, 0.7),
+    }
+    options: dict[str, Any] = {"head_dropout": trial.suggest_float("head_dropout", 0.2, 0.6)}
+    if model in ("cnn_fusion", "metadata_only"):
+        options["metadata_dropout"] = trial.suggest_float("metadata_dropout", 0.1, 0.5)
+    if model == "cnn_fusion":
+        options["metadata_dim"] = trial.suggest_categorical("metadata_dim", [32, 64, 128])
+        options["head_dim"] = trial.suggest_categorical("head_dim", [128, 256, 512])
+    if model == "spatial_fusion":
+        options["num_heads"] = trial.suggest_categorical("num_heads", [4, 8])
+        options["proj_dim"] = trial.suggest_categorical("proj_dim", [256, 512])
+        options["attn_dropout"] = trial.suggest_float("attn_dropout", 0.0, 0.3)
+    fields["model_options"] = options
+    return fields
+
+
+def _parent_run(study_name: str, experiment: str | None) -> mlflow.ActiveRun:
+    """The sweep's parent run: the one already tagged with this study, else a new one."""
+    tracking.setup_tracking()
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(experiments, f"tags.`{TAG_STUDY}` = '{study_name}' and tags.`{tracking.TAG_STEP}` = 'sweep'",
+                               order_by=["attributes.start_time ASC"], max_results=1)
+    if found:
+        log.info("continuing sweep %s in its parent run %s", study_name, found[0].info.run_id)
+        return mlflow.start_run(run_id=found[0].info.run_id)
+    return tracking.start_run("sweep", experiment=experiment, run_name=f"sweep-{study_name}",
+                              tags={TAG_STUDY: study_name})
+
+
+def _fail_stale_trials(study, storage) -> int:
+    """Trials a killed process left RUNNING can never finish: mark them FAIL."""
+    from optuna.trial import TrialState
+
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    for trial in stale:
+        storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)  # noqa: SLF001 (storage API takes the id)
+    return len(stale)
+
+
+def run_sweep(base: Recipe, study_name: str, n_trials: int, split: str | None = None, data_dir: str | None = None,
+              seed: int = 42, storage: str | None = None, sampler_seed: int = 0, prune: bool = True,
+              experiment: str | None = None, device: str = "auto", num_workers: int | None = None) -> SweepResult:
+    """Run (or continue) the study until ``n_trials`` trials have completed or been pruned."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from skinml.steps.train import resolve_split, train
+
+    if n_trials < 1:
+        raise ValueError(f"n_trials must be at least 1, got {n_trials}")
+    tracking.setup_tracking()
+    split_ref = resolve_split(split, data_dir)  # one split for every trial
+    split_arg = split_ref.run_id or split_ref.source
+    storage_obj = optuna.storages.RDBStorage(storage or default_storage())
+    study = optuna.create_study(
+        study_name=study_name, storage=storage_obj, direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=sampler_seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=3) if prune else optuna.pruners.NopPruner(),
+    )
+    stale = _fail_stale_trials(study, storage_obj)
+    if stale:
+        log.warning("sweep %s: %d trial(s) left RUNNING by an interrupted process marked FAIL", study_name, stale)
+
+    def finished() -> list:
+        return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+    def objective(trial) -> float:
+        fields = suggest(trial, base.model)
+        options = {**base.model_options, **fields.pop("model_options")}
+        recipe = dataclasses.replace(base, model_options=options, **fields)
+        trial.set_user_attr("recipe_fields", json.dumps({**fields, "model_options": options}, sort_keys=True))
+
+        def report(epoch: int, row: dict[str, float]) -> None:
+            trial.report(row["val_balanced_accuracy"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {epoch}: val_bacc {row['val_balanced_accuracy']:.3f} below the median")
+
+        tags = {TAG_STUDY: study_name, TAG_TRIAL: str(trial.number)}
+        try:
+            result = train(recipe, split=split_arg, data_dir=data_dir, seed=seed, run_name=f"trial-{trial.number}",
+                           extra_tags=tags, epoch_callback=report if prune else None, device=device,
+                           num_workers=num_workers)
+        except optuna.TrialPruned:
+            _mark_pruned(study_name, trial.number)
+            raise
+        trial.set_user_attr("mlflow_run_id", result.run_id)
+        mlflow.log_metric("trial_best_val_bacc", result.best_val_bacc, step=trial.number)
+        return result.best_val_bacc
+
+    with _parent_run(study_name, experiment) as parent:
+        parent_id = parent.info.run_id
+        params = {"study_name": study_name, "sampler": "TPESampler", "sampler_seed": sampler_seed,
+                  "pruner": "MedianPruner" if prune else "none", "objective": "best_val_bacc (maximize)",
+                  "model": base.model, "recipe": base.preset, "seed": seed, "split_manifest_sha256": split_ref.sha256}
+        logged = mlflow.get_run(parent_id).data.params
+        changed = {k: (logged[k], str(v)) for k, v in params.items() if k in logged and logged[k] != str(v)}
+        if changed:
+            raise ValueError(f"sweep {study_name} was started with other settings {changed} (logged vs now); "
+                             "continue it with the same ones or start a study of another name")
+        tracking.log_params({k: v for k, v in params.items() if k not in logged})
+        mlflow.set_tag("skinml.sweep_target_trials", str(n_trials))
+        remaining = n_trials - len(finished())
+        if remaining > 0:
+            study.optimize(objective, n_trials=remaining, catch=())
+        trials = study.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        pruned = [t for t in trials if t.state == TrialState.PRUNED]
+        failed = [t for t in trials if t.state == TrialState.FAIL]
+        best = study.best_trial if complete else None
+        mlflow.log_metrics({"n_complete": len(complete), "n_pruned": len(pruned), "n_failed": len(failed),
+                            **({"best_val_bacc": best.value} if best else {})})
+        if best:
+            mlflow.set_tags({"skinml.best_trial": str(best.number),
+                             "skinml.best_run_id": best.user_attrs.get("mlflow_run_id", "")})
+        with tempfile.TemporaryDirectory() as tmp:
+            table = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
+            table.to_csv(Path(tmp) / "trials.csv", index=False)
+            mlflow.log_artifact(str(Path(tmp) / "trials.csv"))
+    result = SweepResult(study_name, parent_id, best.value if best else None, dict(best.params) if best else {},
+                         best.user_attrs.get("mlflow_run_id") if best else None, len(complete), len(pruned), len(failed))
+    print(f"sweep {study_name}: {len(complete)} complete, {len(pruned)} pruned, {len(failed)} failed; "
+          + (f"best trial {best.number} val bacc {best.value:.3f} {best.params}" if best else "no complete trial"))
+    return result
+
+
+def _mark_pruned(study_name: str, number: int) -> None:
+    """The pruned trial's child run ended FAILED by its context manager: say why, and mark it KILLED."""
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    for run in client.search_runs(experiments, f"tags.`{TAG_STUDY}` = '{study_name}' and tags.`{TAG_TRIAL}` = '{number}'"):
+        client.set_tag(run.info.run_id, TAG_PRUNED, "true")
+        client.set_terminated(run.info.run_id, status="KILLED")

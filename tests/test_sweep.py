@@ -1,0 +1,73 @@
+"""The Optuna sweep: child runs under one parent, pruning, and resuming from the store."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from skinml.steps.sweep import TAG_PRUNED, TAG_STUDY, TAG_TRIAL, run_sweep
+from tests.test_training import tiny
+
+
+def _runs(study: str):
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, f"tags.`{TAG_STUDY}` = '{study}'")
+
+
+def test_sweep_logs_child_runs_and_resumes(mlflow_store, synthetic_dir):
+    import optuna
+
+    storage = f"sqlite:///{mlflow_store / 'optuna.db'}"
+    base = tiny(epochs=2)
+    first = run_sweep(base, "s1", 2, data_dir=str(synthetic_dir), seed=0, storage=storage, prune=False,
+                      num_workers=0)
+    assert (first.n_complete, first.n_pruned, first.n_failed) == (2, 0, 0)
+    runs = _runs("s1")
+    parents = [r for r in runs if r.data.tags.get("skinml.step") == "sweep"]
+    children = [r for r in runs if r.data.tags.get(TAG_TRIAL) is not None]
+    assert len(parents) == 1 and len(children) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {first.parent_run_id}
+    # each trial trained the recipe Optuna proposed, and its validation score is the objective
+    study = optuna.load_study(study_name="s1", storage=storage)
+    for trial in study.trials:
+        child = next(r for r in children if r.data.tags[TAG_TRIAL] == str(trial.number))
+        assert trial.user_attrs["mlflow_run_id"] == child.info.run_id
+        assert trial.value == pytest.approx(child.data.metrics["best_val_bacc"])
+        assert float(child.data.params["recipe.lr_head"]) == pytest.approx(trial.params["lr_head"])
+        assert f'"metadata_dim": {trial.params["metadata_dim"]}' in child.data.params["recipe.model_options"]
+
+    # a killed process leaves a RUNNING trial behind: the next call fails it and carries on
+    study.ask()
+    again = run_sweep(base, "s1", 3, data_dir=str(synthetic_dir), seed=0, storage=storage, prune=False,
+                      num_workers=0)
+    assert again.parent_run_id == first.parent_run_id
+    assert (again.n_complete, again.n_failed) == (3, 1)
+    assert len([r for r in _runs("s1") if r.data.tags.get(TAG_TRIAL) is not None]) == 3
+    # reaching the target again trains nothing
+    done = run_sweep(base, "s1", 3, data_dir=str(synthetic_dir), seed=0, storage=storage, prune=False, num_workers=0)
+    assert done.n_complete == 3 and len(_runs("s1")) == 4
+    parent = mlflow.MlflowClient().get_run(first.parent_run_id)
+    assert parent.data.metrics["n_complete"] == 3
+    assert parent.data.metrics["best_val_bacc"] == pytest.approx(done.best_value)
+    with pytest.raises(ValueError, match="started with other settings"):
+        run_sweep(base, "s1", 4, data_dir=str(synthetic_dir), seed=1, storage=storage, prune=False, num_workers=0)
+
+
+def test_pruned_trials_are_marked(mlflow_store, synthetic_dir, monkeypatch):
+    import optuna
+
+    # a pruner that prunes every trial after its first reported epoch
+    class Always(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return True
+
+    monkeypatch.setattr(optuna.pruners, "MedianPruner", lambda **_: Always())
+    storage = f"sqlite:///{mlflow_store / 'optuna.db'}"
+    result = run_sweep(tiny(epochs=3), "s2", 1, data_dir=str(synthetic_dir), seed=0, storage=storage, prune=True,
+                       num_workers=0)
+    assert (result.n_complete, result.n_pruned) == (0, 1) and result.best_value is None
+    child = next(r for r in _runs("s2") if r.data.tags.get(TAG_TRIAL) == "0")
+    assert child.info.status == "KILLED" and child.data.tags[TAG_PRUNED] == "true"
+    history = mlflow.MlflowClient().get_metric_history(child.info.run_id, "val_balanced_accuracy")
+    assert [m.step for m in history] == [1]  # stopped after the first epoch
