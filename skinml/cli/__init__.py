@@ -22,7 +22,7 @@ import click
 #: (module, command attribute names) registered on the group, in help order.
 _COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("skinml.cli.data", ("split", "synth")),
-    ("skinml.cli.training", ("train", "main_pipeline", "study", "sweep", "list_models", "benchmark_train")),
+    ("skinml.cli.training", ("train", "main_pipeline", "study", "sweep", "cv", "list_models", "benchmark_train")),
     ("skinml.cli.evaluation", ("evaluate", "compare", "ensemble")),
     ("skinml.cli.serving", ("register", "predict", "score", "benchmark_serving")),
     ("skinml.cli.explain", ("explain",)),

@@ -182,3 +182,24 @@ def sweep(recipe, extra, data_dir, study_name, n_trials, split_ref, seed, storag
 
     run_sweep(resolved, study_name, n_trials, split=split_ref, data_dir=data_dir, seed=seed, storage=storage,
               sampler_seed=sampler_seed, prune=prune, experiment=experiment, device=device, num_workers=num_workers)
+
+
+@click.command("cv")
+@recipe_options
+@data_dir_option
+@click.option("--folds", "k", default=5, show_default=True, type=click.IntRange(2), help="Number of folds.")
+@click.option("--split", "split_ref", default=None, callback=empty_to_none,
+              help="Split whose train+val rows are folded (test rows stay out); the default split when omitted.")
+@click.option("--seed", default=42, show_default=True, type=int, help="Training seed of every fold.")
+@click.option("--fold-seed", default=42, show_default=True, type=int, help="Seed of the patient-to-fold deal.")
+@device_option
+@click.option("--num-workers", default=None, type=click.IntRange(0), help="DataLoader workers (default: by device).")
+@experiment_option
+@friendly_errors
+def cv(recipe, extra, data_dir, k, split_ref, seed, fold_seed, device, num_workers, experiment, **overrides):
+    """Patient-grouped k-fold cross-validation of a recipe on train+val (parent run, a child per fold)."""
+    resolved = build_recipe(recipe, extra, **overrides)
+    from skinml.steps.cv import run_cv
+
+    run_cv(resolved, k=k, split=split_ref, data_dir=data_dir, seed=seed, fold_seed=fold_seed, experiment=experiment,
+           device=device, num_workers=num_workers)

@@ -36,6 +36,13 @@ def _patient_stratum(frame: pd.DataFrame) -> pd.Series:
 
 def _stratified_assignment(frame: pd.DataFrame, fractions: dict[str, float], seed: int) -> dict[str, str]:
     """Greedy per-stratum allocation of patients, balancing image counts per split."""
+    return _greedy_assignment(frame, fractions, seed, SPLITS)
+
+
+def _greedy_assignment(frame: pd.DataFrame, fractions: dict, seed: int, names: tuple) -> dict:
+    """Per stratum (the patient's rarest diagnosis), shuffled patients, largest first, each to
+    the bucket furthest below its share of the stratum's images (ties: the earlier bucket)."""
+    SPLITS = names  # noqa: N806 (the buckets: splits, or folds)
     rng = np.random.default_rng(seed)
     images = frame.groupby(schema.PATIENT_ID).size()
     stratum = _patient_stratum(frame)
@@ -84,6 +91,27 @@ def patient_level_split(
     manifest = frame[list(MANIFEST_COLUMNS[:-1])].copy()
     manifest["split"] = frame[schema.PATIENT_ID].map(assignment)
     return manifest.sort_values(schema.IMAGE_ID, kind="stable").reset_index(drop=True)
+
+
+def patient_folds(frame: pd.DataFrame, k: int, seed: int = 42) -> pd.Series:
+    """Fold (0 .. k-1) of every row: patients never straddle folds, and each fold gets about
+    1/k of every stratum's images, as :func:`patient_level_split` balances its splits."""
+    if not 2 <= k <= frame[schema.PATIENT_ID].nunique():
+        raise ValueError(f"k must be from 2 to the number of patients ({frame[schema.PATIENT_ID].nunique()}), got {k}")
+    folds = tuple(range(k))
+    assignment = _greedy_assignment(frame, dict.fromkeys(folds, 1.0 / k), seed, folds)
+    return frame[schema.PATIENT_ID].map(assignment).astype(int)
+
+
+def fold_manifest(manifest: pd.DataFrame, folds: pd.Series, fold: int) -> pd.DataFrame:
+    """``manifest`` with its train and val rows re-split: ``fold`` becomes val, the other folds
+    train; test rows stay test (cross-validation never looks at them)."""
+    out = manifest.copy()
+    pool = out["split"].isin(("train", "val"))
+    if not folds.index.equals(out.index[pool]):
+        raise ValueError("folds must be indexed like the manifest's train and val rows")
+    out.loc[pool, "split"] = np.where(folds == fold, "val", "train")
+    return out
 
 
 def manifest_bytes(manifest: pd.DataFrame) -> bytes:

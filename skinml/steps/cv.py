@@ -1,0 +1,134 @@
+"""Patient-grouped k-fold cross-validation on train+val, as one parent run with a child per fold.
+
+145 validation images with 7 melanomas cannot tell configurations a few points apart; k folds
+over the 822 train+val images score every one of them once. ``skinml cv --folds 5 [recipe
+options]`` takes a split (the default one unless ``--split``), keeps its test rows out of
+everything, deals the train+val patients into ``k`` folds stratified like the split
+(:func:`skinml.data.split.patient_folds`), and for each fold logs a split run (that fold is
+``val``, the others ``train``), trains the recipe on it and evaluates it on the fold
+(:func:`skinml.steps.evaluate.evaluate_run`, validation rows, all subsets incl. complete
+questionnaires and the permuted-metadata arm). Everything is a child of one ``cv`` run, which
+gets the mean and standard deviation over folds of each figure, the pooled out-of-fold figures
+(every train+val image predicted once, by the model that did not train on it), and
+``cv_folds.csv`` / ``cv_oof_predictions.csv``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from skinml import tracking
+from skinml.data import schema
+from skinml.data.split import fold_manifest, manifest_hash, patient_folds, write_manifest
+from skinml.evaluation.metrics import compute_metrics
+from skinml.training.recipe import Recipe
+
+TAG_CV = "skinml.cv_run"
+TAG_FOLD = "skinml.cv_fold"
+#: Per-fold figures summarised (evaluate's ``evalval_*`` names, without the prefix).
+FIGURES = ("balanced_accuracy", "accuracy", "auc_macro", "recall_MEL", "complete_metadata_balanced_accuracy",
+           "complete_metadata_n", "incomplete_metadata_balanced_accuracy", "masked_metadata_balanced_accuracy",
+           "permuted_metadata_balanced_accuracy", "permuted_metadata_complete_balanced_accuracy")
+
+
+@dataclass
+class CVResult:
+    run_id: str
+    folds: pd.DataFrame  # one row per fold: its runs and figures
+    summary: dict[str, float]
+
+
+def run_cv(recipe: Recipe, k: int = 5, split: str | None = None, data_dir: str | None = None, seed: int = 42,
+           fold_seed: int = 42, experiment: str | None = None, device: str = "auto",
+           num_workers: int | None = None) -> CVResult:
+    from skinml.steps.evaluate import evaluate_run
+    from skinml.steps.train import resolve_split, train
+
+    tracking.setup_tracking()
+    base = resolve_split(split, data_dir)
+    pool = base.manifest[base.manifest["split"].isin(("train", "val"))]
+    folds = patient_folds(pool, k, seed=fold_seed)
+    rows, predictions = [], []
+    with tracking.start_run("cv", experiment=experiment, run_name=f"cv{k}-{recipe.model}-{recipe.preset}-s{seed}",
+                            tags={tracking.TAG_MODEL: recipe.model, tracking.TAG_RECIPE: recipe.preset,
+                                  tracking.TAG_SPLIT_HASH: base.sha256}) as parent:
+        cv_id = parent.info.run_id
+        tracking.log_params({"folds": k, "fold_seed": fold_seed, "seed": seed, "model": recipe.model,
+                             "base_split": base.run_id or base.source, "base_split_sha256": base.sha256,
+                             "n_pool_images": len(pool), **{f"recipe.{key}": v for key, v in recipe.flat().items()}})
+        for fold in range(k):
+            manifest = fold_manifest(base.manifest, folds, fold)
+            digest = manifest_hash(manifest)
+            with tracking.start_run("split", run_name=f"cv-fold{fold}-split",
+                                    tags={tracking.TAG_SPLIT_HASH: digest, TAG_CV: cv_id, TAG_FOLD: str(fold)}) as srun:
+                tracking.log_params({"data_dir": data_dir or "", "cv_fold": fold,
+                                     "folds": k, "fold_seed": fold_seed, "base_split_sha256": base.sha256,
+                                     "drop_missing_images": base.drop_missing_images})
+                with tempfile.TemporaryDirectory() as tmp:
+                    write_manifest(manifest, Path(tmp, "manifest.csv"))
+                    mlflow.log_artifacts(tmp, artifact_path="split")
+                split_id = srun.info.run_id
+            result = train(dataclasses.replace(recipe), split=split_id, data_dir=data_dir, seed=seed,
+                           run_name=f"cv-fold{fold}", extra_tags={TAG_CV: cv_id, TAG_FOLD: str(fold)}, device=device,
+                           num_workers=num_workers)
+            evaluation = evaluate_run(result.run_id, split="val", data_dir=data_dir, n_boot=0, explanations=False)
+            figures = {name: evaluation.metrics.get(f"evalval_{name}", np.nan) for name in FIGURES}
+            rows.append({"fold": fold, "train_run_id": result.run_id, "split_run_id": split_id,
+                         "n_val": int((manifest["split"] == "val").sum()), "best_epoch": result.best_epoch, **figures})
+            predictions.append(evaluation.predictions.assign(fold=fold))
+            mlflow.log_metrics({f"fold_{name}": value for name, value in figures.items() if np.isfinite(value)},
+                               step=fold)
+        table = pd.DataFrame(rows)
+        oof = pd.concat(predictions, ignore_index=True)
+        summary = _summary(table, oof)
+        mlflow.log_metrics(summary)
+        with tempfile.TemporaryDirectory() as tmp:
+            table.to_csv(Path(tmp, "cv_folds.csv"), index=False)
+            oof.to_csv(Path(tmp, "cv_oof_predictions.csv"), index=False)
+            mlflow.log_artifacts(tmp)
+    print(format_cv(table, summary, k))
+    return CVResult(cv_id, table, summary)
+
+
+def _summary(table: pd.DataFrame, oof: pd.DataFrame) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name in FIGURES:
+        values = table[name].to_numpy(dtype=float)
+        values = values[np.isfinite(values)]
+        if len(values):
+            out[f"cv_mean_{name}"] = float(values.mean())
+            out[f"cv_std_{name}"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    y = oof["true"].map(schema.LABEL_TO_INDEX).to_numpy()
+    proba = oof[[f"p_{label}" for label in schema.LABELS]].to_numpy(dtype=float)
+    pooled = compute_metrics(y, proba)
+    out.update(cv_oof_balanced_accuracy=float(pooled["balanced_accuracy"]), cv_oof_accuracy=float(pooled["accuracy"]),
+               cv_oof_n=float(len(oof)))
+    complete = oof["complete_metadata"].to_numpy(dtype=bool)
+    if complete.any():
+        out["cv_oof_complete_metadata_balanced_accuracy"] = float(compute_metrics(y[complete], proba[complete])["balanced_accuracy"])
+        out["cv_oof_complete_metadata_n"] = float(complete.sum())
+    return out
+
+
+def format_cv(table: pd.DataFrame, summary: dict[str, float], k: int) -> str:
+    lines = [f"{k}-fold patient-grouped cross-validation on train+val (test rows never used)",
+             f"  {'fold':<6}{'n':>5}{'bal. acc':>10}{'complete q.':>13}{'permuted':>10}{'MEL rec.':>10}"]
+    for row in table.itertuples():
+        lines.append(f"  {row.fold:<6}{row.n_val:>5}{row.balanced_accuracy:>10.3f}"
+                     f"{row.complete_metadata_balanced_accuracy:>13.3f}{row.permuted_metadata_balanced_accuracy:>10.3f}"
+                     f"{row.recall_MEL:>10.3f}")
+    for name, label in (("balanced_accuracy", "bal. acc"), ("complete_metadata_balanced_accuracy", "complete q."),
+                        ("permuted_metadata_balanced_accuracy", "permuted")):
+        if f"cv_mean_{name}" in summary:
+            lines.append(f"  {label}: mean {summary[f'cv_mean_{name}']:.3f} +- {summary[f'cv_std_{name}']:.3f} (sd over folds)")
+    lines.append(f"  pooled out-of-fold: bal. acc {summary['cv_oof_balanced_accuracy']:.3f} (n={int(summary['cv_oof_n'])})"
+                 + (f", complete questionnaire {summary['cv_oof_complete_metadata_balanced_accuracy']:.3f} "
+                    f"(n={int(summary['cv_oof_complete_metadata_n'])})" if "cv_oof_complete_metadata_n" in summary else ""))
+    return "\n".join(lines)

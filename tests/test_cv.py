@@ -1,0 +1,62 @@
+"""Patient-grouped k-fold cross-validation: folds, child runs, out-of-fold summary."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from skinml.data import schema
+from skinml.data.source import load_metadata
+from skinml.data.split import fold_manifest, patient_folds, patient_level_split
+from skinml.steps.cv import TAG_CV, TAG_FOLD, run_cv
+from tests.test_training import tiny
+
+
+def test_folds_group_patients_and_spread_every_class(synthetic_dir):
+    manifest = patient_level_split(load_metadata(synthetic_dir), seed=0)
+    pool = manifest[manifest["split"].isin(("train", "val"))]
+    folds = patient_folds(pool, 3, seed=1)
+    assert set(folds) == {0, 1, 2}
+    assert pool.groupby(schema.PATIENT_ID).apply(lambda g: folds[g.index].nunique()).max() == 1
+    # each stratum (a patient's rarest diagnosis, as the split uses) dealt evenly, to within one
+    # patient's images
+    from skinml.data.split import _patient_stratum
+
+    stratum = pool[schema.PATIENT_ID].map(_patient_stratum(pool))
+    counts = pd.crosstab(stratum, folds)
+    largest = pool.groupby(schema.PATIENT_ID).size().max()
+    assert (counts.max(axis=1) - counts.min(axis=1) <= largest).all(), counts
+    for fold in range(3):
+        m = fold_manifest(manifest, folds, fold)
+        assert (m.loc[m["split"] == "test"].index == manifest.loc[manifest["split"] == "test"].index).all()
+        assert set(m.loc[m["split"] == "val", schema.IMAGE_ID]) == set(pool.loc[folds == fold, schema.IMAGE_ID])
+    pd.testing.assert_series_equal(folds, patient_folds(pool, 3, seed=1))  # seeded
+    with pytest.raises(ValueError, match="k must be from 2"):
+        patient_folds(pool, 1)
+
+
+def test_cv_trains_each_fold_and_pools_out_of_fold(mlflow_store, synthetic_dir):
+    result = run_cv(tiny(epochs=1), k=2, data_dir=str(synthetic_dir), seed=0, num_workers=0)
+    client = mlflow.MlflowClient()
+    children = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  f"tags.`{TAG_CV}` = '{result.run_id}'")
+    trains = [r for r in children if r.data.tags["skinml.step"] == "train"]
+    splits = [r for r in children if r.data.tags["skinml.step"] == "split"]
+    assert len(trains) == 2 and len(splits) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {result.run_id}
+    assert sorted(r.data.tags[TAG_FOLD] for r in trains) == ["0", "1"]
+    oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="cv_oof_predictions.csv"))
+    manifest = patient_level_split(load_metadata(synthetic_dir), seed=42)
+    pool = manifest[manifest["split"].isin(("train", "val"))]
+    assert sorted(oof[schema.IMAGE_ID]) == sorted(pool[schema.IMAGE_ID])  # every train+val image once, no test
+    assert oof.groupby(schema.PATIENT_ID)["fold"].nunique().max() == 1
+    parent = client.get_run(result.run_id).data.metrics
+    assert parent["cv_mean_balanced_accuracy"] == pytest.approx(result.folds["balanced_accuracy"].mean())
+    assert parent["cv_std_balanced_accuracy"] == pytest.approx(result.folds["balanced_accuracy"].std(ddof=1))
+    assert parent["cv_oof_n"] == len(pool)
+    for row in result.folds.itertuples():
+        train_run = client.get_run(row.train_run_id)
+        assert train_run.data.metrics["evalval_balanced_accuracy"] == pytest.approx(row.balanced_accuracy)
+        assert np.isfinite(row.permuted_metadata_balanced_accuracy)
