@@ -495,7 +495,7 @@ def test_results_markdown_is_the_readme_table():
     assert _cells(lines[0])[-1] == "recall " + " / ".join(LABELS)
     # Three seeds: mean ± sample std, then the mean bootstrap bounds.
     assert _cells(lines[3]) == ["fusion", "lite0", "sampler", "-", "-", "3", "0, 1, 2", "0.650 ± 0.050 [0.600, 0.700]",
-                                "0.700 ± 0.100 [0.600, 0.800]", "0.900", "0.710 ± 0.100",
+                                "0.700 ± 0.100 [0.600, 0.800]", "- / - / -", "0.900", "0.710 ± 0.100",
                                 "0.50 / 0.50 / 0.50 / 0.50 / 0.50 / 0.50"]
     # One seed: no ± part.
     assert _cells(lines[2])[5:8] == ["1", "0", "0.720 [0.670, 0.770]"]
@@ -505,12 +505,22 @@ def test_metadata_markdown_shows_subsets_per_run():
     extra = {"test_complete_metadata_balanced_accuracy": 0.41, "test_complete_metadata_n": 87.0,
              "test_incomplete_metadata_balanced_accuracy": 0.93, "test_incomplete_metadata_n": 56.0,
              "test_masked_metadata_balanced_accuracy": 0.2, "test_masked_metadata_n": 143.0}
+    extra.update(test_permuted_metadata_balanced_accuracy=0.35, test_permuted_metadata_complete_balanced_accuracy=0.3)
     rows = [_run("fusion", "lite0", 1, 0.7, 0.65, **extra), _run("image", "lite0", 0, 0.5, 0.5)]
     lines = metadata_markdown(rows).splitlines()
-    assert _cells(lines[0])[-3:] == ["complete questionnaire", "incomplete questionnaire", "metadata masked"]
+    assert _cells(lines[0])[-5:] == ["complete questionnaire", "incomplete questionnaire", "metadata masked (imputed)",
+                                     "metadata permuted", "permuted, complete rows"]
     assert _cells(lines[2]) == ["fusion-l", "fusion", "lite0", "sampler", "-", "-", "1", "0.700", "0.410 (n=87)",
-                                "0.930 (n=56)", "0.200"]
-    assert _cells(lines[3])[-3:] == ["", "", ""]  # a run evaluated without the subsets
+                                "0.930 (n=56)", "0.200", "0.350", "0.300"]
+    assert _cells(lines[3])[-5:] == ["", "", "", "", ""]  # a run evaluated without the subsets
+
+
+def test_results_markdown_reports_complete_questionnaire_rows():
+    runs = [_run("fusion", "lite0", seed, 0.7, 0.65, test_complete_metadata_balanced_accuracy=value,
+                 test_complete_metadata_auc_macro=0.9, test_complete_metadata_recall_MEL=0.75)
+            for seed, value in ((0, 0.6), (1, 0.7))]
+    row = _cells(results_markdown(comparison_table(runs)).splitlines()[2])
+    assert row[9] == "0.650 ± 0.071 / 0.900 / 0.75"
 
 
 def test_plot_comparison(tmp_path):

@@ -49,7 +49,9 @@ def summary_metrics(labels: Sequence[str] = LABELS) -> list[str]:
     return (
         ["test_accuracy", "test_balanced_accuracy", "test_auc_macro"]
         + [f"test_recall_{label}" for label in labels]
-        + ["best_val_bacc"]
+        + ["best_val_bacc", "test_complete_metadata_balanced_accuracy", "test_complete_metadata_auc_macro",
+           "test_complete_metadata_recall_MEL", "test_permuted_metadata_balanced_accuracy",
+           "test_permuted_metadata_complete_balanced_accuracy", "evalval_complete_metadata_balanced_accuracy"]
     )
 
 
@@ -270,7 +272,9 @@ def to_markdown(
 METADATA_SUBSETS: tuple[tuple[str, str], ...] = (
     ("complete_metadata", "complete questionnaire"),
     ("incomplete_metadata", "incomplete questionnaire"),
-    ("masked_metadata", "metadata masked"),
+    ("masked_metadata", "metadata masked (imputed)"),
+    ("permuted_metadata", "metadata permuted"),
+    ("permuted_metadata_complete", "permuted, complete rows"),
 )
 
 
@@ -293,8 +297,9 @@ def results_markdown(table: pd.DataFrame, labels: Sequence[str] = LABELS) -> str
     the mean bootstrap interval bounds, and the per-class recalls as one "a / b / ..." cell.
     """
     head = ("| model | recipe | imbalance | config | split | runs | seeds | test accuracy [95% CI] "
-            f"| test balanced acc. [95% CI] | macro AUC | val bal. acc. | recall {' / '.join(labels)} |")
-    lines = [head, "| --- | --- | --- | --- | --- | ---: | --- | --- | --- | ---: | ---: | --- |"]
+            "| test balanced acc. [95% CI] | complete questionnaire: bal. acc. / macro AUC / MEL recall "
+            f"| macro AUC | val bal. acc. | recall {' / '.join(labels)} |")
+    lines = [head, "| --- | --- | --- | --- | --- | ---: | --- | --- | --- | --- | ---: | ---: | --- |"]
     for record in table.to_dict("records"):
         n = int(record.get("n_runs") or 0)
         cells = [str(record[k]) for k in GROUP_KEYS] + [str(n), seeds_cell(record)]
@@ -302,6 +307,10 @@ def results_markdown(table: pd.DataFrame, labels: Sequence[str] = LABELS) -> str
             text = _mean_std(record, metric, n)
             low, high = (_cell(record.get(f"{metric}_{bound}_mean"), ".3f") for bound in ("low", "high"))
             cells.append(f"{text} [{low}, {high}]" if text and low and high else text)
+        complete = [_mean_std(record, "test_complete_metadata_balanced_accuracy", n),
+                    _cell(record.get("test_complete_metadata_auc_macro_mean"), ".3f"),
+                    _cell(record.get("test_complete_metadata_recall_MEL_mean"), ".2f")]
+        cells.append(" / ".join(c or "-" for c in complete))
         cells += [_mean_std(record, "test_auc_macro", 1), _mean_std(record, "best_val_bacc", n)]
         cells.append(" / ".join(_cell(record.get(f"test_recall_{label}_mean"), ".2f") or "-" for label in labels))
         lines.append("| " + " | ".join(cells) + " |")
@@ -325,6 +334,7 @@ def metadata_markdown(rows: Iterable[Mapping[str, Any]]) -> str:
             text = _cell(source.get(f"test_{subset}_balanced_accuracy"), ".3f")
             count = _cell(source.get(f"test_{subset}_n"), ".0f")
             # Masking keeps every row, so its count is the run's own.
-            cells.append(f"{text} (n={count})" if text and count and subset != "masked_metadata" else text)
+            cells.append(f"{text} (n={count})" if text and count and subset in ("complete_metadata",
+                                                                                 "incomplete_metadata") else text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
