@@ -25,6 +25,7 @@ from skinml.data import schema
 from skinml.data.transforms import ImageConfig
 from skinml.inference import pick_device
 from skinml.steps.split import SplitRef, load_split, log_dataset_inputs, run_split
+from skinml.training import distributed
 from skinml.training.fit import EpochEnd, build_optimizer, build_scheduler, fit
 from skinml.training.imbalance import class_counts, inverse_frequency_weights
 from skinml.training.prepare import (
@@ -84,7 +85,18 @@ def train(
     after each epoch is logged and checkpointed (the sweep's pruner; an exception it raises ends
     the run as FAILED, with everything up to that epoch kept).
     """
-    dev = pick_device(device)
+    dist_info = distributed.from_env()
+    dev = distributed.setup(dist_info, device) if dist_info.enabled else pick_device(device)
+    try:
+        return _train(recipe, split, data_dir, seed, resume, experiment, dev, num_workers, cache_images, run_name,
+                      max_epochs_this_call, extra_tags, epoch_callback, dist_info)
+    finally:
+        if dist_info.enabled:
+            distributed.teardown()
+
+
+def _train(recipe, split, data_dir, seed, resume, experiment, dev, num_workers, cache_images, run_name,
+           max_epochs_this_call, extra_tags, epoch_callback, dist_info) -> TrainResult:
     resume_state = None
     if resume:
         resume_state = inference.load_checkpoint(tracking.download_artifact(resume, inference.LAST))
@@ -92,15 +104,28 @@ def train(
         split = resume_state["split_run_id"] or resume_state["split_source"]
         seed = resume_state["seed"]
     validate_recipe(recipe)
-    split_ref = resolve_split(split, data_dir)
+    if dist_info.enabled:
+        distributed.per_rank_batch(recipe.batch_size, dist_info)  # fail before any run is made
+    # Only rank 0 may make a split run; the others load the one it made.
+    split_ref = resolve_split(split, data_dir) if dist_info.is_main else None
+    chosen = distributed.broadcast(split_ref.run_id or split_ref.source if split_ref else None, dist_info)
+    if split_ref is None:
+        split_ref = load_split(chosen)
 
     seed_everything(seed)
     data = prepare_data(recipe, split_ref.manifest, data_dir, split_ref.drop_missing_images)
     model, image_config = build_model(recipe, data.preprocessor)
-    loaders = build_loaders(recipe, data, image_config, dev, seed, num_workers, cache_images)
+    loaders = build_loaders(recipe, data, image_config, dev, seed, num_workers, cache_images, dist_info)
     model.to(dev)
     if model.uses_images:
         model.to(memory_format=torch.channels_last)
+    trained = model  # what fit() steps: DDP around the model under torchrun
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if dev.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        trained = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     criterion = build_criterion(recipe, loaders, dev)
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe)
@@ -111,6 +136,17 @@ def train(
         scheduler.load_state_dict(resume_state["scheduler_state"])
         restore_rng(resume_state["rng"], loaders.sampler_generator, loaders.loader_generator)
         state = TrainState.from_dict(resume_state["train_state"])
+
+    fit_options = dict(
+        max_epochs=max_epochs_this_call, before_epoch=loaders.set_epoch,
+        batch_transform=loaders.augment if loaders.batch_augment is not None else None,
+        metadata_transform=loaders.mask_metadata if loaders.field_dropout is not None else None,
+        train_row_transform=distributed.global_train_row(dist_info, dev) if dist_info.enabled else None)
+    if not dist_info.is_main:  # the other torchrun processes train in step, rank 0 logs
+        state = fit(trained, loaders.train, loaders.val, loaders.val_arrays.labels, criterion, optimizer, scheduler,
+                    dev, recipe, state, **fit_options)
+        return TrainResult("", int(state.best.get("epoch", 0)), float(state.best.get("val_loss", np.nan)),
+                           float(state.best.get("val_balanced_accuracy", np.nan)), state.epoch, state.history)
 
     tags = {
         tracking.TAG_MODEL: recipe.model,
@@ -130,16 +166,19 @@ def train(
         run_id = run.info.run_id
         if reopen is None:
             _log_run_inputs(recipe, seed, split_ref, data, model, loaders, dev)
+            if dist_info.enabled:
+                import torch.distributed as dist
+
+                tracking.log_params({"world_size": dist_info.world_size, "global_batch_size": recipe.batch_size,
+                                     "per_process_batch_size": recipe.batch_size // dist_info.world_size,
+                                     "dist_backend": dist.get_backend()})
         if resume and reopen is None:
             _carry_over(resume, state)
         with tempfile.TemporaryDirectory() as tmp:
             hook = _EpochLogger(Path(tmp), model, data, image_config, recipe, seed, split_ref, optimizer, scheduler,
                                 loaders, epoch_callback)
-            state = fit(model, loaders.train, loaders.val, loaders.val_arrays.labels, criterion, optimizer, scheduler,
-                        dev, recipe, state, on_epoch_end=hook, max_epochs=max_epochs_this_call,
-                        before_epoch=loaders.set_epoch,
-                        batch_transform=loaders.augment if loaders.batch_augment is not None else None,
-                        metadata_transform=loaders.mask_metadata if loaders.field_dropout is not None else None)
+            state = fit(trained, loaders.train, loaders.val, loaders.val_arrays.labels, criterion, optimizer, scheduler,
+                        dev, recipe, state, on_epoch_end=hook, **fit_options)
             if state.stopped_early:
                 mlflow.set_tag("skinml.early_stopped_at", str(state.epoch))
             _log_selected_epoch(state, hook.best_proba, loaders.val_arrays.labels)

@@ -59,7 +59,7 @@ def fit(model: nn.Module, train_loader, val_loader, val_labels: np.ndarray, crit
         device: torch.device, recipe: Recipe, state: TrainState,
         on_epoch_end: Callable[[EpochEnd], None] | None = None, max_epochs: int | None = None,
         before_epoch: Callable[[int], None] | None = None, batch_transform=None,
-        metadata_transform=None) -> TrainState:
+        metadata_transform=None, train_row_transform: Callable[[dict], dict] | None = None) -> TrainState:
     """Train from ``state.epoch + 1`` to ``recipe.epochs`` (at most ``max_epochs`` more).
 
     ``before_epoch(epoch)`` seeds the epoch's data order (:meth:`Loaders.set_epoch`);
@@ -78,6 +78,8 @@ def fit(model: nn.Module, train_loader, val_loader, val_labels: np.ndarray, crit
         row = train_one_epoch(model, train_loader, criterion, optimizer, device, recipe.grad_clip,
                               desc=f"epoch {epoch}/{recipe.epochs}", batch_transform=batch_transform,
                               metadata_transform=metadata_transform)
+        if train_row_transform is not None:  # e.g. the mean over torchrun processes
+            row = train_row_transform(row)
         proba, val_loss = predict_proba(model, val_loader, device, criterion, progress=progress("val"))
         scheduler.step()
         row.update(val_loss=val_loss, **epoch_metrics(val_labels, proba, schema.LABELS), **lrs)

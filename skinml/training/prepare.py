@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from skinml.data.dataset import LesionDataset, SplitArrays, build_split_arrays
 from skinml.data.preprocess import MetadataPreprocessor
@@ -21,6 +21,7 @@ from skinml.data.split import attach_split
 from skinml.data.transforms import ImageConfig, build_eval_transform, build_train_transform
 from skinml.models import SkinClassifier, create_model, model_class
 from skinml.training.augment import BatchAugment
+from skinml.training.distributed import DistInfo, GlobalBatchSlices, per_rank_batch
 from skinml.training.imbalance import make_loss, make_sampler
 from skinml.training.loaders import default_num_workers
 from skinml.training.modality import FieldDropout
@@ -103,6 +104,11 @@ class Loaders:
     #: Questionnaire dropout (``questionnaire_dropout`` > 0), else None.
     field_dropout: FieldDropout | None = None
     dropout_generator: torch.Generator | None = None
+    #: This process's rank under torchrun (0 alone): its augmentation and dropout draws differ.
+    rank: int = 0
+
+    def _stream(self, stream: int) -> int:
+        return stream if self.rank == 0 else stream + 100 * self.rank
 
     def mask_metadata(self, metadata: torch.Tensor) -> torch.Tensor:
         """The training view of a metadata batch (identity without questionnaire dropout)."""
@@ -126,14 +132,20 @@ class Loaders:
         self.sampler_generator.manual_seed(epoch_seed(self.seed, epoch, 0))
         self.loader_generator.manual_seed(epoch_seed(self.seed, epoch, 1))
         if self.augment_generator is not None:
-            self.augment_generator.manual_seed(epoch_seed(self.seed, epoch, 2))
+            self.augment_generator.manual_seed(epoch_seed(self.seed, epoch, self._stream(2)))
         if self.dropout_generator is not None:
-            self.dropout_generator.manual_seed(epoch_seed(self.seed, epoch, 3))
+            self.dropout_generator.manual_seed(epoch_seed(self.seed, epoch, self._stream(3)))
 
 
 def build_loaders(recipe: Recipe, data: TrainingData, image_config: ImageConfig | None, device: torch.device,
-                  seed: int, num_workers: int | None = None, cache_images: bool = True) -> Loaders:
-    """Decode each split once (cached), then the augmenting train loader and the val loader."""
+                  seed: int, num_workers: int | None = None, cache_images: bool = True,
+                  dist_info: DistInfo | None = None) -> Loaders:
+    """Decode each split once (cached), then the augmenting train loader and the val loader.
+
+    Under torchrun (``dist_info`` with several processes) the train loader yields this rank's
+    slice of each global batch (:class:`~skinml.training.distributed.GlobalBatchSlices`).
+    """
+    dist_info = dist_info or DistInfo()
     uses_images = image_config is not None
     train_size = (recipe.augment.resize or recipe.image_size) if uses_images else None
     train_arrays = build_split_arrays(data.train, data.preprocessor, train_size, cache=cache_images)
@@ -153,28 +165,37 @@ def build_loaders(recipe: Recipe, data: TrainingData, image_config: ImageConfig 
     workers = num_workers if uses_images else 0
     pin = device.type == "cuda"
     use_sampler = recipe.imbalance in ("sampler", "both")
+    train_set = LesionDataset(train_arrays.images, train_arrays.metadata, train_arrays.labels, train_tf)
+    drop_last = len(train_arrays.labels) > recipe.batch_size  # BatchNorm needs >1 row per batch
+    sampler = make_sampler(train_arrays.labels, sampler_gen) if use_sampler else None
+    batch_size = recipe.batch_size
+    if dist_info.enabled:
+        base = sampler if sampler is not None else RandomSampler(train_set, generator=loader_gen)
+        sampler = GlobalBatchSlices(base, recipe.batch_size, dist_info.rank, dist_info.world_size, drop_last)
+        batch_size = per_rank_batch(recipe.batch_size, dist_info)
     train_loader = DataLoader(
-        LesionDataset(train_arrays.images, train_arrays.metadata, train_arrays.labels, train_tf),
-        batch_size=recipe.batch_size,
-        sampler=make_sampler(train_arrays.labels, sampler_gen) if use_sampler else None,
-        shuffle=not use_sampler,
+        train_set,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=sampler is None,
         generator=loader_gen,
         num_workers=workers,
         pin_memory=pin,
         persistent_workers=False,  # restarted each epoch: see Loaders.set_epoch
-        drop_last=len(train_arrays.labels) > recipe.batch_size,  # BatchNorm needs >1 row per batch
+        drop_last=drop_last,
     )
     val_loader = DataLoader(
         LesionDataset(val_arrays.images, val_arrays.metadata, val_arrays.labels, eval_tf),
         batch_size=max(64, recipe.batch_size), shuffle=False, num_workers=0, pin_memory=pin,
     )
-    loaders = Loaders(train_loader, val_loader, train_arrays, val_arrays, sampler_gen, loader_gen, workers, seed)
+    loaders = Loaders(train_loader, val_loader, train_arrays, val_arrays, sampler_gen, loader_gen, workers, seed,
+                      rank=dist_info.rank)
     if batched:
         loaders.batch_augment = BatchAugment(image_config, recipe.augment)
-        loaders.augment_generator = torch.Generator().manual_seed(epoch_seed(seed, 0, 2))
+        loaders.augment_generator = torch.Generator().manual_seed(epoch_seed(seed, 0, loaders._stream(2)))
     if recipe.questionnaire_dropout > 0:
         loaders.field_dropout = FieldDropout(data.preprocessor, recipe.questionnaire_dropout)
-        loaders.dropout_generator = torch.Generator().manual_seed(epoch_seed(seed, 0, 3))
+        loaders.dropout_generator = torch.Generator().manual_seed(epoch_seed(seed, 0, loaders._stream(3)))
     return loaders
 
 
