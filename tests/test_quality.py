@@ -210,9 +210,10 @@ def test_ensemble_run_is_scored_registered_and_served_as_the_mean(mlflow_store, 
     from skinml.steps.train import train
     from tests.test_training import tiny
 
-    first = train(tiny(epochs=1), data_dir=str(synthetic_dir), seed=0, num_workers=0)
+    # the default's view (training scale + centre crop): served probabilities equal evaluation's
+    first = train(tiny(epochs=1, eval_view="crop"), data_dir=str(synthetic_dir), seed=0, num_workers=0)
     split = mlflow.MlflowClient().get_run(first.run_id).data.params["split_run_id"]
-    second = train(tiny(epochs=1), data_dir=str(synthetic_dir), split=split, seed=1, num_workers=0)
+    second = train(tiny(epochs=1, eval_view="crop"), data_dir=str(synthetic_dir), split=split, seed=1, num_workers=0)
     result = build_ensemble([first.run_id, second.run_id], data_dir=str(synthetic_dir))
     run = mlflow.MlflowClient().get_run(result.run_id)
     assert run.data.tags[TAG_ENSEMBLE_OF] == f"{first.run_id},{second.run_id}"
@@ -240,7 +241,7 @@ def test_ensemble_run_is_scored_registered_and_served_as_the_mean(mlflow_store, 
 
     with pytest.raises(ValueError, match="itself an ensemble"):
         build_ensemble([result.run_id, first.run_id], data_dir=str(synthetic_dir))
-    other = train(tiny(epochs=1, label_smoothing=0.2), data_dir=str(synthetic_dir), split=split, seed=2,
+    other = train(tiny(epochs=1, eval_view="crop", label_smoothing=0.2), data_dir=str(synthetic_dir), split=split, seed=2,
                   num_workers=0)
     with pytest.raises(ValueError, match="recipe.label_smoothing"):
         build_ensemble([first.run_id, other.run_id], data_dir=str(synthetic_dir))
@@ -255,3 +256,18 @@ def test_fusion_widths_are_options_and_old_configs_keep_theirs():
     assert default.head[0].in_features == default.backbone.num_features + 64  # the original design
     with pytest.raises(ValueError, match="metadata_dim must be a whole number"):
         create_model("cnn_fusion", 9, backbone="test_efficientnet", pretrained="none", metadata_dim=0)
+
+
+def test_default_preset_is_the_recipe_chosen_on_validation():
+    from skinml.steps.train import recipe_overrides
+
+    default, v1 = resolve_recipe("default"), resolve_recipe("default_v1")
+    assert (default.metadata_encoding, default.missing_indicators, default.questionnaire_dropout,
+            default.eval_view, default.augment_device) == ("onehot", True, 0.5, "crop", "batch")
+    assert (default.imbalance, default.lr_backbone) == (v1.imbalance, v1.lr_backbone) == ("loss", 1e-4)
+    assert recipe_overrides(default) == []
+    # the candidate runs were trained as default_v1 plus exactly these overrides
+    candidate = resolve_recipe("default_v1", metadata_encoding="onehot", missing_indicators="true",
+                               questionnaire_dropout="0.5", augment_device="batch", eval_view="crop")
+    assert {k: v for k, v in candidate.flat().items() if k != "preset"} == \
+        {k: v for k, v in default.flat().items() if k != "preset"}

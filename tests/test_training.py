@@ -22,7 +22,7 @@ def tiny(**overrides) -> Recipe:
     """A recipe that trains in seconds: tiny timm backbone, 32 px images, no pretrained weights."""
     base = dict(model="cnn_fusion", backbone="test_efficientnet", pretrained="none", epochs=3, image_size=32,
                 augment_resize=36, batch_size=16)
-    return resolve_recipe("default", **{**base, **overrides})
+    return resolve_recipe("default_v1", **{**base, **overrides})
 
 
 def test_original_preset_is_the_status_report_recipe():
