@@ -271,3 +271,17 @@ def test_default_preset_is_the_recipe_chosen_on_validation():
                                questionnaire_dropout="0.5", augment_device="batch", eval_view="crop")
     assert {k: v for k, v in candidate.flat().items() if k != "preset"} == \
         {k: v for k, v in default.flat().items() if k != "preset"}
+
+
+def test_compare_keeps_an_ensemble_apart_from_its_members():
+    from types import SimpleNamespace
+
+    from skinml.steps.compare import model_label
+
+    def run(tags):
+        return SimpleNamespace(data=SimpleNamespace(tags={"skinml.model": "cnn_fusion", **tags}, params={}))
+
+    assert model_label(run({})) == "cnn_fusion"
+    assert model_label(run({"skinml.ensemble_of": "a,b,c", "skinml.tta": "none"})) == "cnn_fusion ensemble x3"
+    assert model_label(run({"skinml.ensemble_of": "a", "skinml.tta": "flips"})) == "cnn_fusion +flips"
+    assert model_label(run({"skinml.ensemble_of": "a,b", "skinml.tta": "flips"})) == "cnn_fusion ensemble x2 +flips"

@@ -30,6 +30,21 @@ def recipe_config(run: mlflow.entities.Run) -> str:
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:8] if fields else "-"
 
 
+def model_label(run: mlflow.entities.Run) -> str:
+    """The model column: an ensemble or test-time-augmented run is its own row, never pooled
+    with the seeds it averages (``cnn_fusion ensemble x5 +flips``)."""
+    from skinml.steps.ensemble import TAG_ENSEMBLE_OF, TAG_TTA
+
+    tags = run.data.tags
+    model = tags.get(tracking.TAG_MODEL, tracking.run_param(run, "model", "?"))
+    members = [m for m in tags.get(TAG_ENSEMBLE_OF, "").split(",") if m]
+    if len(members) > 1:
+        model += f" ensemble x{len(members)}"
+    if tags.get(TAG_TTA, "none") != "none":
+        model += f" +{tags[TAG_TTA]}"
+    return model
+
+
 def run_row(run: mlflow.entities.Run) -> dict:
     """One evaluated training run as a comparison row (identifiers + test metrics)."""
     params, tags = run.data.params, run.data.tags
@@ -37,7 +52,7 @@ def run_row(run: mlflow.entities.Run) -> dict:
         "config": recipe_config(run),
         "split": tags.get(tracking.TAG_SPLIT_HASH, "")[:8] or "-",
         "run_id": run.info.run_id,
-        "model": tags.get(tracking.TAG_MODEL, tracking.run_param(run, "model", "?")),
+        "model": model_label(run),
         "recipe": tags.get(tracking.TAG_RECIPE, "?"),
         "imbalance": params.get("recipe.imbalance", "?"),
         "backbone": tracking.run_param(run, "backbone", ""),
