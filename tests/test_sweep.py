@@ -19,7 +19,7 @@ def test_sweep_logs_child_runs_and_resumes(mlflow_store, synthetic_dir):
     import optuna
 
     storage = f"sqlite:///{mlflow_store / 'optuna.db'}"
-    base = tiny(epochs=2)
+    base = tiny(epochs=1)
     first = run_sweep(base, "s1", 2, data_dir=str(synthetic_dir), seed=0, storage=storage, prune=False,
                       num_workers=0)
     assert (first.n_complete, first.n_pruned, first.n_failed) == (2, 0, 0)
