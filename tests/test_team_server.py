@@ -18,6 +18,8 @@ from click.testing import CliRunner
 from skinml import team_server
 from skinml.team_server import ServerConfig, TeamServerError
 
+REPO = Path(__file__).resolve().parent.parent
+
 MODEL_NAME = "skin-lesion-classifier"
 TINY_TRAIN = ["--model", "cnn_fusion", "--backbone", "test_efficientnet", "--pretrained", "none", "--epochs", "1",
               "--image-size", "32", "--set", "augment_resize=36", "--batch-size", "16", "--num-workers", "0"]
@@ -222,6 +224,34 @@ def test_pipeline_runs_through_the_team_server(server, synthetic_dir, tmp_path, 
     assert len(answer) == 1
     assert answer.loc[0, "label"] in schema.LABELS
     assert sum(answer.loc[0, label] for label in schema.LABELS) == pytest.approx(1.0, abs=1e-4)
+
+    # The demo page, pointed at the server, loads the same champion and gives the same answer.
+    from fastapi.testclient import TestClient
+
+    from skinml.app import build_app
+
+    mlflow.set_tracking_uri(server.url)
+    try:
+        app = build_app(f"models:/{MODEL_NAME}@champion")
+        with TestClient(app) as page:
+            body = page.post("/api/predict", files={"image": ("lesion.png", photo.read_bytes(), "image/png")},
+                             data={"age": "55", "region": "FACE"})
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert body.status_code == 200, body.text
+    for label in schema.LABELS:
+        assert body.json()["probabilities"][label] == pytest.approx(float(answer.loc[0, label]), abs=1e-6)
+
+    # `mlflow run .` (an MLproject entry point) logs to the server unchanged.
+    done = subprocess.run([sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "split", "--env-manager", "local",
+                           "--experiment-name", "team-mlproject", "-P", f"data_dir={synthetic_dir}"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    project = client.get_experiment_by_name("team-mlproject")
+    (mlproject_run,) = client.search_runs([project.experiment_id])
+    assert mlproject_run.info.status == "FINISHED" and mlproject_run.data.tags["skinml.step"] == "split"
+    assert [a.path for a in client.list_artifacts(mlproject_run.info.run_id, "split")] == [
+        "split/manifest.csv", "split/summary.csv"]
 
 
 @pytest.mark.slow
