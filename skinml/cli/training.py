@@ -43,6 +43,8 @@ def train(recipe, extra, data_dir, split_ref, seed, resume, device, num_workers,
     result = run_training(resolved, split=split_ref, data_dir=data_dir, seed=seed, resume=resume,
                           experiment=experiment, device=device, num_workers=num_workers, run_name=run_name,
                           extra_tags=extra_tags)
+    if not result.run_id:  # a torchrun process other than rank 0: rank 0 reports the run
+        return
     click.echo(
         f"training run {result.run_id}: selected epoch {result.best_epoch} of {result.epochs_run} "
         f"(val loss {result.best_val_loss:.4f}, val balanced accuracy {result.best_val_bacc:.3f})"
