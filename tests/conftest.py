@@ -80,7 +80,7 @@ def tiny_training(tmp_path_factory, synthetic_dir) -> TinyTraining:
         mp.setenv("SKINML_CACHE_DIR", str(cache / "images"))
         mp.delenv("MLFLOW_RUN_ID", raising=False)
         tracking.setup_tracking()
-        recipe = resolve_recipe("default", model="cnn_fusion", backbone="test_efficientnet", pretrained="none",
+        recipe = resolve_recipe("default_v1", model="cnn_fusion", backbone="test_efficientnet", pretrained="none",
                                 epochs=1, image_size=32, augment_resize=36, batch_size=16)
         result = train(recipe, data_dir=str(synthetic_dir), seed=0, num_workers=0)
         checkpoint = tracking.download_artifact(result.run_id, inference.BEST, cache / "checkpoint")
