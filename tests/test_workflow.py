@@ -29,10 +29,10 @@ def test_main_runs_every_step_as_children_and_reuses_when_asked(mlflow_store, sy
     assert "test_balanced_accuracy" in train_run.data.metrics
     assert parent.data.metrics["test_balanced_accuracy"] == train_run.data.metrics["test_balanced_accuracy"]
     registered = result["registered"]
-    # Registered, but a tiny recipe (overridden epochs, sizes, backbone) never takes `champion`:
+    # Registered, but a tiny recipe (default_v1 with overridden epochs, sizes, backbone) never takes `champion`:
     # the main job applies register's rule (only the validation-chosen recipe as chosen competes).
     assert registered["run_id"] == result["train_run_id"] and registered["registered"]
-    assert registered["alias_moved"] is False and "overrides" in registered["reason"]
+    assert registered["alias_moved"] is False and "not the validation-chosen" in registered["reason"]
     assert registered["champion_version"] is None
 
     again = run_main(recipe, data_dir=str(synthetic_dir), n_boot=50, model_name="test-model", reuse=True)
