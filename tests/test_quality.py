@@ -201,6 +201,12 @@ def test_explaining_an_ensemble_averages_its_members_maps(tiny_training, tmp_pat
     assert total == pytest.approx(result.probabilities[result.target] - result.baseline_probability, abs=1e-4)
 
 
+def tracking_download(run_id: str) -> str:
+    from skinml import tracking
+
+    return tracking.download_artifact(run_id, inference.BEST)
+
+
 def test_ensemble_run_is_scored_registered_and_served_as_the_mean(mlflow_store, synthetic_dir):
     import mlflow
 
@@ -239,6 +245,12 @@ def test_ensemble_run_is_scored_registered_and_served_as_the_mean(mlflow_store, 
     out = served.predict(request)
     np.testing.assert_allclose(out[list(schema.LABELS)].to_numpy(dtype=float), ens[cols].to_numpy()[:4], atol=1e-4)
 
+    # scored the other way: the checkpoint keeps the view, so evaluation and serving follow it
+    squash = build_ensemble([first.run_id, second.run_id], data_dir=str(synthetic_dir), view="squash")
+    state = inference.load_checkpoint(tracking_download(squash.run_id))
+    assert state["image_config"]["resize"] == 0 and mlflow.get_run(squash.run_id).data.tags["skinml.view"] == "squash"
+    assert inference.load_checkpoint(tracking_download(result.run_id))["image_config"]["resize"] == 36
+
     with pytest.raises(ValueError, match="itself an ensemble"):
         build_ensemble([result.run_id, first.run_id], data_dir=str(synthetic_dir))
     other = train(tiny(epochs=1, eval_view="crop", label_smoothing=0.2), data_dir=str(synthetic_dir), split=split, seed=2,
@@ -263,14 +275,15 @@ def test_default_preset_is_the_recipe_chosen_on_validation():
 
     default, v1 = resolve_recipe("default"), resolve_recipe("default_v1")
     assert (default.metadata_encoding, default.missing_indicators, default.questionnaire_dropout,
-            default.eval_view, default.augment_device) == ("onehot", True, 0.5, "crop", "batch")
+            default.eval_view, default.augment_device) == ("onehot", True, 0.5, "squash", "batch")
     assert (default.imbalance, default.lr_backbone) == (v1.imbalance, v1.lr_backbone) == ("loss", 1e-4)
     assert recipe_overrides(default) == []
-    # the candidate runs were trained as default_v1 plus exactly these overrides
+    # the candidate runs were trained as default_v1 plus these overrides; they selected their
+    # epoch on the crop view and were scored both ways (README, "Results")
     candidate = resolve_recipe("default_v1", metadata_encoding="onehot", missing_indicators="true",
                                questionnaire_dropout="0.5", augment_device="batch", eval_view="crop")
-    assert {k: v for k, v in candidate.flat().items() if k != "preset"} == \
-        {k: v for k, v in default.flat().items() if k != "preset"}
+    differ = {k for k, v in candidate.flat().items() if k != "preset" and default.flat()[k] != v}
+    assert differ == {"eval_view"}
 
 
 def test_compare_keeps_an_ensemble_apart_from_its_members():

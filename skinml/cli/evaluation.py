@@ -54,9 +54,11 @@ def compare(run_ids, experiments, filter_string, out, no_log):
               help="flips: each member also averages over the four flips of the photo.")
 @data_dir_option
 @click.option("--device", default="cpu", show_default=True, callback=device_type)
+@click.option("--view", type=click.Choice(constants.EVAL_VIEWS), default=None,
+              help="Score the photos this way instead of the members' own view (kept for serving).")
 @click.option("--run-name", default=None, callback=empty_to_none)
 @friendly_errors
-def ensemble(run_ids, tta, data_dir, device, run_name):
+def ensemble(run_ids, tta, data_dir, device, view, run_name):
     """Average training runs' checkpoints into one run that evaluate, compare and register take.
 
     Its validation summaries (best_val_bacc ...) are computed on the split's validation rows, so
@@ -64,4 +66,4 @@ def ensemble(run_ids, tta, data_dir, device, run_name):
     """
     from skinml.steps.ensemble import build_ensemble
 
-    build_ensemble(run_ids.split(","), tta=tta, data_dir=data_dir, device=device, run_name=run_name)
+    build_ensemble(run_ids.split(","), tta=tta, data_dir=data_dir, device=device, run_name=run_name, view=view)

@@ -42,6 +42,8 @@ def model_label(run: mlflow.entities.Run) -> str:
         model += f" ensemble x{len(members)}"
     if tags.get(TAG_TTA, "none") != "none":
         model += f" +{tags[TAG_TTA]}"
+    if tags.get("skinml.view"):
+        model += f" ({tags['skinml.view']} view)"
     return model
 
 

@@ -65,8 +65,12 @@ def _check_members(runs) -> None:
 
 
 def build_ensemble(run_ids: list[str], tta: str = "none", data_dir: str | None = None, device: str = "cpu",
-                   run_name: str | None = None, batch_size: int = 64) -> EnsembleResult:
-    """Average ``run_ids``' selected checkpoints (with flips if ``tta="flips"``) into one new run."""
+                   run_name: str | None = None, batch_size: int = 64, view: str | None = None) -> EnsembleResult:
+    """Average ``run_ids``' selected checkpoints (with flips if ``tta="flips"``) into one new run.
+
+    ``view`` ("squash"/"crop") scores the photos another way than the members were validated with
+    (as ``skinml evaluate --view``); the ensemble keeps it for evaluation and serving.
+    """
     from skinml.steps.split import load_split
 
     run_ids = list(dict.fromkeys(r.strip() for r in run_ids if r.strip()))
@@ -82,6 +86,13 @@ def build_ensemble(run_ids: list[str], tta: str = "none", data_dir: str | None =
     first = runs[0]
     states = [inference.load_checkpoint(tracking.download_artifact(r, inference.BEST)) for r in run_ids]
     state = inference.ensemble_state(states, tta, sources=[f"run {r}" for r in run_ids])
+    if view is not None and state.get("image_config"):
+        from skinml.constants import EVAL_VIEWS
+
+        if view not in EVAL_VIEWS:
+            raise ValueError(f"view must be one of {EVAL_VIEWS}, got {view!r}")
+        train_resize = int(float(tracking.run_param(runs[0], "augment.resize") or 0))
+        state["image_config"] = {**state["image_config"], "resize": train_resize if view == "crop" else 0}
     bundle = inference.build_inference_bundle(state)
 
     split_ref = load_split(first.data.tags.get(tracking.TAG_SPLIT_RUN) or tracking.run_param(first, "split_source"))
@@ -107,11 +118,14 @@ def build_ensemble(run_ids: list[str], tta: str = "none", data_dir: str | None =
         tracking.TAG_MODEL, tracking.TAG_FAMILY, tracking.TAG_RECIPE, tracking.TAG_SPLIT_HASH, tracking.TAG_SPLIT_RUN,
         tracking.TAG_RECIPE_OVERRIDES)}
     tags.update({TAG_ENSEMBLE_OF: ",".join(run_ids), TAG_TTA: tta})
+    if view is not None:
+        tags["skinml.view"] = view
     params = {k: v for k, v in first.data.params.items() if k not in _FREE_PARAMS}
-    params.update(seed=f"ensemble:{','.join(str(s) for s in seeds)}", tta=tta, ensemble_members=",".join(run_ids))
+    params.update(seed=f"ensemble:{','.join(str(s) for s in seeds)}", tta=tta, ensemble_members=",".join(run_ids),
+                  view=view or "as trained")
     experiment = mlflow.MlflowClient().get_experiment(first.info.experiment_id).name
     name = run_name or f"{first.data.tags.get(tracking.TAG_MODEL, 'model')}-ensemble{len(run_ids)}" + (
-        "-flips" if tta == "flips" else "")
+        "-flips" if tta == "flips" else "") + (f"-{view}" if view else "")
     with tracking.start_run("train", experiment=experiment, run_name=name, tags=tags) as run:
         tracking.log_params(params)
         mlflow.log_metrics(summary)
