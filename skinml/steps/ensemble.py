@@ -25,8 +25,6 @@ import torch
 
 from skinml import inference, tracking
 from skinml.data import schema
-from skinml.data.source import load_metadata
-from skinml.data.split import attach_split
 from skinml.evaluation.metrics import compute_metrics
 from skinml.training.imbalance import make_loss
 from skinml.training.recipe import Recipe
@@ -71,7 +69,7 @@ def build_ensemble(run_ids: list[str], tta: str = "none", data_dir: str | None =
     ``view`` ("squash"/"crop") scores the photos another way than the members were validated with
     (as ``skinml evaluate --view``); the ensemble keeps it for evaluation and serving.
     """
-    from skinml.steps.split import load_split
+    from skinml.steps.split import run_frame
 
     run_ids = list(dict.fromkeys(r.strip() for r in run_ids if r.strip()))
     if not run_ids:
@@ -95,11 +93,7 @@ def build_ensemble(run_ids: list[str], tta: str = "none", data_dir: str | None =
         state["image_config"] = {**state["image_config"], "resize": train_resize if view == "crop" else 0}
     bundle = inference.build_inference_bundle(state)
 
-    split_ref = load_split(first.data.tags.get(tracking.TAG_SPLIT_RUN) or tracking.run_param(first, "split_source"))
-    if split_ref.sha256 != first.data.tags.get(tracking.TAG_SPLIT_HASH):
-        raise ValueError(f"the split found for run {first.info.run_id} does not match the hash it was trained with")
-    data_dir = data_dir or tracking.run_param(first, "data_dir")
-    frame = attach_split(load_metadata(data_dir, drop_missing_images=split_ref.drop_missing_images), split_ref.manifest)
+    frame = run_frame(first, data_dir)
     val = frame[frame["split"] == "val"].reset_index(drop=True)
     train_labels = frame.loc[frame["split"] == "train", schema.TARGET].map(schema.LABEL_TO_INDEX).to_numpy()
     y = val[schema.TARGET].map(schema.LABEL_TO_INDEX).to_numpy()

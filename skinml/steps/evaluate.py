@@ -31,8 +31,6 @@ from mlflow.entities import Metric
 from skinml import inference, tracking
 from skinml.data import schema
 from skinml.data.dataset import complete_questionnaire, mask_metadata
-from skinml.data.source import load_metadata
-from skinml.data.split import attach_split
 from skinml.evaluation.bootstrap import bootstrap_ci, flatten_ci
 from skinml.evaluation.metrics import compute_metrics, flatten_metrics, format_report, to_jsonable
 from skinml.evaluation.plots import plot_confusion_matrix, plot_reliability, plot_roc_curves, save_figure
@@ -116,13 +114,9 @@ def evaluate_run(run_id: str, split: str = "test", data_dir: str | None = None, 
                                                       resize=train_resize if view == "crop" else 0))
     variant = variant_name(view, tta)
 
-    from skinml.steps.split import load_split
+    from skinml.steps.split import run_frame
 
-    split_ref = load_split(run.data.tags.get(tracking.TAG_SPLIT_RUN) or tracking.run_param(run, "split_source"))
-    if split_ref.sha256 != run.data.tags.get(tracking.TAG_SPLIT_HASH):
-        raise ValueError(f"the split found for run {run_id} does not match the hash it was trained with")
-    data_dir = data_dir or tracking.run_param(run, "data_dir")
-    frame = attach_split(load_metadata(data_dir, drop_missing_images=split_ref.drop_missing_images), split_ref.manifest)
+    frame = run_frame(run, data_dir)
     frame = frame[frame["split"] == split].reset_index(drop=True)
     y = frame[schema.TARGET].map(schema.LABEL_TO_INDEX).to_numpy()
 

@@ -22,6 +22,7 @@ from skinml.constants import canonical_split_strategy
 from skinml.data import schema
 from skinml.data.source import load_metadata
 from skinml.data.split import (
+    attach_split,
     manifest_hash,
     patient_level_split,
     read_manifest,
@@ -125,3 +126,13 @@ def load_split(split: str) -> SplitRef:
         raise ValueError(f"manifest of run {split_run} does not match its recorded hash: the artifact changed")
     dropped = tracking.run_param(split_run_data, "drop_missing_images", "False") == "True"
     return SplitRef(manifest, digest, split_run, f"runs:/{split_run}/{MANIFEST_ARTIFACT}", dropped)
+
+
+def run_frame(run: mlflow.entities.Run, data_dir: str | None = None) -> pd.DataFrame:
+    """Every row of the split a training run was trained on, with its ``split`` column; the
+    manifest must still hash to what the run recorded."""
+    split_ref = load_split(run.data.tags.get(tracking.TAG_SPLIT_RUN) or tracking.run_param(run, "split_source"))
+    if split_ref.sha256 != run.data.tags.get(tracking.TAG_SPLIT_HASH):
+        raise ValueError(f"the split found for run {run.info.run_id} does not match the hash it was trained with")
+    data_dir = data_dir or tracking.run_param(run, "data_dir")
+    return attach_split(load_metadata(data_dir, drop_missing_images=split_ref.drop_missing_images), split_ref.manifest)
