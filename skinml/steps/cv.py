@@ -15,7 +15,6 @@ gets the mean and standard deviation over folds of each figure, the pooled out-o
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +74,7 @@ def run_cv(recipe: Recipe, k: int = 5, split: str | None = None, data_dir: str |
                     write_manifest(manifest, Path(tmp, "manifest.csv"))
                     mlflow.log_artifacts(tmp, artifact_path="split")
                 split_id = srun.info.run_id
-            result = train(dataclasses.replace(recipe), split=split_id, data_dir=data_dir, seed=seed,
+            result = train(recipe, split=split_id, data_dir=data_dir, seed=seed,
                            run_name=f"cv-fold{fold}", extra_tags={TAG_CV: cv_id, TAG_FOLD: str(fold)}, device=device,
                            num_workers=num_workers)
             evaluation = evaluate_run(result.run_id, split="val", data_dir=data_dir, n_boot=0, explanations=False)
