@@ -7,6 +7,7 @@ are the packaged EfficientNet-Lite0 ones, which are installed and need no networ
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 
@@ -15,6 +16,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from skinml.data.schema import LABELS, NUM_CLASSES
 from skinml.models import (
@@ -573,3 +575,63 @@ def test_offline_guidance_names_every_packaged_backbone(monkeypatch, tmp_path):
         assert name in str(error.value)
     for package in (EFFICIENTNET_LITE0_PACKAGE, EFFICIENTNET_LITE1_PACKAGE, EFFICIENTNET_LITE2_PACKAGE):
         assert package.distribution in str(error.value)
+
+
+# -- activation checkpointing (training memory) ------------------------------------------------
+
+
+def _train_steps(model, steps: int = 3, size: int = 64) -> None:
+    from skinml.training.loop import train_one_epoch
+
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, size, size, generator=generator), torch.randn(4, NUM_METADATA, generator=generator),
+                torch.randint(0, NUM_CLASSES, (4,), generator=generator)) for _ in range(steps)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_one_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["cnn_fusion", "spatial_fusion"])
+def test_grad_checkpointing_recomputes_but_trains_the_same(name):
+    """Checkpointed training runs the backbone's BatchNorms twice per step, yet ends with the same
+    weights and the same running statistics (one update per step, not two) as plain training."""
+    from skinml.training.loop import batchnorm_statistics
+
+    plain = tiny_model(name, img_size=64) if name == "spatial_fusion" else tiny_model(name)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_grad_checkpointing(True)
+    assert checkpointed.grad_checkpointing and not plain.grad_checkpointing
+
+    calls = {"plain": 0, "checkpointed": 0}
+    for key, model in (("plain", plain), ("checkpointed", checkpointed)):
+        backbone_bns = [m for m in model.image_backbones()[0].modules() if isinstance(m, nn.BatchNorm2d)]
+        for bn in backbone_bns:
+            bn.register_forward_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
+        torch.manual_seed(5)  # same dropout draws
+        _train_steps(model)
+    assert calls["checkpointed"] > calls["plain"]  # the recomputation really happened
+
+    for (key, a), b in zip(plain.state_dict().items(), checkpointed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), key
+    counts = [t for t in batchnorm_statistics(checkpointed) if t.dtype == torch.long]
+    assert counts and all(int(c) == 3 for c in counts)
+
+
+def test_grad_checkpointing_needs_an_image_backbone():
+    with pytest.raises(ValueError, match="metadata_only has no image backbone"):
+        tiny_model("metadata_only").set_grad_checkpointing(True)
+
+
+def test_recipe_turns_grad_checkpointing_on():
+    from types import SimpleNamespace
+
+    from skinml.steps.train import recipe_overrides
+    from skinml.training.prepare import build_model
+    from skinml.training.recipe import resolve_recipe
+
+    recipe = resolve_recipe("default", backbone="test_efficientnet", pretrained="none", grad_checkpointing="true")
+    model, _ = build_model(recipe, SimpleNamespace(n_features_out=NUM_METADATA))
+    assert model.grad_checkpointing
+    assert not build_model(resolve_recipe("default", backbone="test_efficientnet", pretrained="none"),
+                           SimpleNamespace(n_features_out=NUM_METADATA))[0].grad_checkpointing
+    # A memory knob, not a different recipe: comparisons do not list it as an override.
+    assert "grad_checkpointing" not in recipe_overrides(recipe)

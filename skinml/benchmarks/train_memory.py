@@ -1,7 +1,7 @@
 """Peak resident memory of the default model's training step, without data or MLflow.
 
-``python -m skinml.benchmarks.train_memory [BATCH] [SIZE]`` builds ``cnn_fusion`` (Lite0, package
-weights), then runs three Adam steps on random channels-last tensors and prints the resident
+``python -m skinml.benchmarks.train_memory [BATCH] [SIZE] [checkpoint]`` builds ``cnn_fusion`` (Lite0,
+package weights; ``checkpoint``: with activation checkpointing), then runs three Adam steps on random channels-last tensors and prints the resident
 memory after the import, after building the model, and the process's peak (``ru_maxrss``): the
 part of a training run's memory that is the model's own (activations of one forward + backward).
 """
@@ -12,7 +12,7 @@ import resource
 import sys
 
 
-def main(batch: int = 32, size: int = 224, steps: int = 3) -> dict[str, float]:
+def main(batch: int = 32, size: int = 224, checkpoint: bool = False, steps: int = 3) -> dict[str, float]:
     import psutil
     import torch
 
@@ -26,6 +26,7 @@ def main(batch: int = 32, size: int = 224, steps: int = 3) -> dict[str, float]:
     from skinml.models import create_model
 
     model = create_model("cnn_fusion", 40, pretrained="package").train().to(memory_format=torch.channels_last)
+    model.set_grad_checkpointing(checkpoint)
     out["after_model_mb"] = mb()
     optimizer = torch.optim.Adam(model.parameters(), 1e-4)
     for _ in range(steps):
@@ -35,10 +36,10 @@ def main(batch: int = 32, size: int = 224, steps: int = 3) -> dict[str, float]:
         optimizer.step()
         optimizer.zero_grad()
     out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"batch {batch} at {size}px: after import {out['after_import_mb']:.0f} MB, model {out['after_model_mb']:.0f} MB, "
+    print(f"batch {batch} at {size}px{' (checkpointed)' if checkpoint else ''}: after import {out['after_import_mb']:.0f} MB, model {out['after_model_mb']:.0f} MB, "
           f"peak {out['peak_mb']:.0f} MB")
     return out
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:3]))
+    main(*(int(a) for a in sys.argv[1:3]), checkpoint="checkpoint" in sys.argv[3:])

@@ -80,6 +80,27 @@ class SkinClassifier(nn.Module):
                 groups["backbone" if id(parameter) in in_backbone else "head"].append(parameter)
         return groups
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Keep only the image backbones' block boundaries for the backward pass and recompute
+        the rest (timm's ``set_grad_checkpointing``): less memory for one more forward pass.
+
+        The recomputed forward updates BatchNorm's running statistics a second time; the
+        training loop puts them back (:func:`skinml.training.loop.train_one_epoch`).
+        """
+        backbones = self.image_backbones()
+        if enable and not backbones:
+            raise ValueError(f"{self.model_name} has no image backbone whose activations could be recomputed")
+        for backbone in backbones:
+            setter = getattr(backbone, "set_grad_checkpointing", None)
+            if setter is None:
+                raise ValueError(f"backbone {type(backbone).__name__} of {self.model_name} cannot recompute "
+                                 "activations (no set_grad_checkpointing)")
+            setter(enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return any(getattr(b, "grad_checkpointing", False) for b in self.image_backbones())
+
 
 def register_model(name: str, family: str) -> Callable[[_Model], _Model]:
     """Class decorator adding a model to the registry under ``name``."""

@@ -191,7 +191,8 @@ def recipe_overrides(recipe: Recipe) -> list[str]:
     from skinml.training.recipe import resolve_recipe
 
     preset = resolve_recipe(recipe.preset, model=recipe.model).flat()
-    ignored = {"model", "backbone", "pretrained", "model_options", "preset", "augment_device"}
+    ignored = {"model", "backbone", "pretrained", "model_options", "preset", "augment_device",
+               "grad_checkpointing"}
     return sorted(k for k, v in recipe.flat().items() if k not in ignored and preset.get(k) != v)
 
 

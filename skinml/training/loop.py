@@ -24,6 +24,9 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torc
     """One pass over ``loader``; ``batch_transform`` augments each image batch once it is on the
     device, ``metadata_transform`` masks metadata (questionnaire dropout)."""
     model.train()
+    # Recomputed activations run BatchNorm forward a second time in backward(); keep the
+    # statistics of the real forward pass (a checkpointed run then equals a plain one).
+    running_stats = batchnorm_statistics(model) if _recomputes_forward(model) else []
     total_loss, seen = 0.0, 0
     start = time.perf_counter()
     for image, metadata, target in _progress(loader, desc):
@@ -37,7 +40,10 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torc
             logits = model(image, metadata)
         loss = criterion(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
+        kept = [t.clone() for t in running_stats]
         loss.backward()
+        for tensor, value in zip(running_stats, kept):
+            tensor.copy_(value)
         if grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
@@ -45,6 +51,20 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torc
         seen += len(target)
     seconds = time.perf_counter() - start
     return {"train_loss": total_loss / max(seen, 1), "train_seconds": seconds, "images_per_second": seen / seconds}
+
+
+def _recomputes_forward(model: nn.Module) -> bool:
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    return bool(getattr(inner, "grad_checkpointing", False))
+
+
+def batchnorm_statistics(model: nn.Module) -> list[torch.Tensor]:
+    """The running mean, variance and batch count of every BatchNorm layer (in place)."""
+    out = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            out += [t for t in (module.running_mean, module.running_var, module.num_batches_tracked) if t is not None]
+    return out
 
 
 def epoch_metrics(labels: np.ndarray, proba: np.ndarray, label_names) -> dict[str, float]:

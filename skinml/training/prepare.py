@@ -75,6 +75,8 @@ def model_options(recipe: Recipe) -> dict[str, Any]:
 def build_model(recipe: Recipe, preprocessor: MetadataPreprocessor) -> tuple[SkinClassifier, ImageConfig | None]:
     """The model and, if it looks at the photo, the image view its weights expect."""
     model = create_model(recipe.model, preprocessor.n_features_out, **model_options(recipe))
+    if recipe.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     if not model.uses_images:
         return model, None
     data_config = model.data_config

@@ -55,6 +55,9 @@ class Recipe:
     batch_size: int = 32
     early_stopping_patience: int = 0  # 0 = off; else epochs without a lower validation loss
     grad_clip: float = 0.0
+    #: Recompute the image backbone's activations in the backward pass instead of keeping them:
+    #: less training memory for one more forward pass; the same weights and BatchNorm statistics.
+    grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.imbalance not in IMBALANCE_CHOICES:
