@@ -423,6 +423,30 @@ def test_mlflow_models_serve_end_to_end(served, metadata_frame, tmp_path, photo)
         all_expected = expected_probabilities(checkpoint, metadata_frame)
         assert np.abs(table[list(schema.LABELS)].to_numpy() - all_expected).max() < TOLERANCE
 
+        # benchmark-serving: each layer of a request timed on the same photos and model.
+        from skinml.serving.benchmark import benchmark
+
+        data_dir = str(Path(metadata_frame.attrs["data_dir"]))
+        report = benchmark(url, data_dir, f"models:/{name}@champion", n_single=3, n_batch=1, batch_size=4, warmup=1)
+        for size in ("single", "batch4"):
+            bare = report[f"forward_{size}_median_ms"] + report[f"decode_{size}_median_ms"]
+            # Every layer timed (no ordering asserted: the test machine may be busy).
+            for layer in ("forward", "decode", "pyfunc", "http"):
+                assert 0 < report[f"{layer}_{size}_median_ms"] <= report[f"{layer}_{size}_p95_ms"] < 60_000
+            assert report[f"http_over_forward_decode_{size}"] == pytest.approx(
+                report[f"http_{size}_median_ms"] / bare)
+            assert report[f"mlflow_server_{size}_ms"] == pytest.approx(
+                report[f"http_{size}_median_ms"] - report[f"pyfunc_{size}_median_ms"])
+        assert report["batch_size"] == 4 and report["http_batch4_images_per_s"] == pytest.approx(
+            4000 / report["http_batch4_median_ms"])
+        # Timing another model than the one served would compare different things: refused.
+        state = inference.load_checkpoint(checkpoint)
+        state["model_state"]["head.3.bias"] = state["model_state"]["head.3.bias"] + torch.arange(len(schema.LABELS))
+        other = inference.save_checkpoint(state, tmp_path / "other" / "best.pt")
+        version = registry.register_run(log_training_run(str(other), 0.1), name=name, pixel_limit=PIXEL_LIMIT)
+        with pytest.raises(RuntimeError, match=f"does not answer like models:/{name}/{version['version']}"):
+            benchmark(url, data_dir, f"models:/{name}/{version['version']}", n_single=1, n_batch=0, batch_size=2)
+
         image = b64(photo)
         bad = {
             # The signature lists no input columns, so the model itself refuses a missing image.

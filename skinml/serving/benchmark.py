@@ -1,10 +1,9 @@
 """Latency and throughput of a running model server, next to the bare model's forward pass.
 
-Sends real photos from a PAD-UFES-20 folder with their clinical fields: ``n_single``
-one-image requests (median and 95th percentile latency) and ``n_batch`` requests of
-``batch_size`` images (images per second); then times the registered model's own
-``forward`` on the same images, already decoded, so the gap is the serving overhead
-(JSON, base64, decoding, validation, HTTP).
+:func:`benchmark` sends real photos from a PAD-UFES-20 folder with their clinical fields, one
+and ``batch_size`` at a time, and times each layer of a request on the same photos: the bare
+forward pass, decoding + preprocessing, the model's whole ``predict`` in process, and the HTTP
+round trip, so the gaps say what is ours and what is MLflow's scoring server.
 
 :func:`soak` sends one request many times and records the server's resident memory, to tell a
 leak (growth without bound) from an allocator that keeps freed memory (a plateau).
@@ -12,6 +11,7 @@ leak (growth without bound) from an allocator that keeps freed memory (a plateau
 
 from __future__ import annotations
 
+import io
 import statistics
 import time
 from typing import Any
@@ -30,61 +30,112 @@ def _percentile(values: list[float], q: float) -> float:
 
 def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50, n_batch: int = 5,
               batch_size: int = 32, warmup: int = 3) -> dict[str, Any]:
+    """One request of 1 and of ``batch_size`` photos, timed layer by layer on the same photos.
+
+    - ``forward``: the model on tensors already decoded (``inference_mode``);
+    - ``decode``: JPEG bytes -> normalised tensor (:func:`prepare_image`, the serving path) plus
+      the clinical encoding, i.e. what must happen to any photo before the forward pass;
+    - ``pyfunc``: the registered model's ``predict`` in this process on the DataFrame the server
+      hands it (base64 photos): our whole request path (validation, decoding, forward, answer);
+    - ``http``: the round trip to ``url`` (the JSON body is built beforehand): ``pyfunc`` plus
+      MLflow's scoring server (JSON parsing, DataFrame, schema, response) and the socket.
+
+    Medians over ``n_single`` one-photo requests (cycling through the folder's photos, the same
+    photos in every layer) and ``n_batch`` requests of the first ``batch_size`` photos, each
+    layer after ``warmup`` calls. The server must run ``model_uri``: its answer to the first
+    photo is compared with the in-process one, so the layers time the same model.
+    """
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    import mlflow
+    import pandas as pd
+
+    from skinml.data.transforms import prepare_image
+
     frame = load_metadata(data_dir).sort_values(schema.IMAGE_ID).reset_index(drop=True)
     rows = frame.head(max(n_single, batch_size))
     clinical = [{c: r[c] for c in schema.FEATURES if c != "biopsed"} for _, r in rows.iterrows()]
     endpoint = url.rstrip("/") + "/invocations"
-
-    def post(start: int, count: int) -> float:
+    # Request k (of 1 + n_single): the single photos cycle through the folder; the last is the batch.
+    spans = [(i % len(rows), 1) for i in range(max(n_single, 1))] + [(0, batch_size)]
+    bodies, frames = [], []
+    for start, count in spans:
         body = request_body(build_request(list(rows["image_path"][start:start + count]),
                                           clinical[start:start + count]))
-        tick = time.perf_counter()
-        status, answer = post_json(endpoint, body)
-        elapsed = time.perf_counter() - tick
-        if status != 200:
-            raise RuntimeError(f"server answered {status}: {str(answer)[:300]}")
-        return elapsed
+        bodies.append(json.dumps(body).encode("utf-8"))
+        # What MLflow's server passes to predict: the JSON's rows (nulls as None) as a DataFrame.
+        frames.append(pd.DataFrame(body["dataframe_split"]["data"], columns=body["dataframe_split"]["columns"]))
+    photos = [base64.b64decode(text) for text in build_request(list(rows["image_path"]))["image"]]
 
-    for i in range(warmup):
-        post(i % len(rows), 1)
-    single = [post(i % len(rows), 1) for i in range(n_single)]
-    batch = [post(0, batch_size) for _ in range(n_batch)]
-
-    # The bare model: same photos and metadata, preprocessed once, forward pass only.
-    import mlflow
-
-    from skinml.data.transforms import prepare_image
+    def http(k: int) -> dict:
+        request = urllib.request.Request(endpoint, data=bodies[k], method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"server answered {exc.code}: {exc.read()[:300]!r}") from None
 
     python_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
     bundle = python_model.bundle
-    images = torch.stack([prepare_image(p, bundle.image_config) for p in rows["image_path"][:batch_size]])
-    images = images.contiguous(memory_format=torch.channels_last)
-    metadata = torch.from_numpy(bundle.preprocessor.transform(rows.head(batch_size)))
-    forward_single, forward_batch = [], []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            bundle.model(images[:1], metadata[:1])
-        for i in range(n_single):
-            tick = time.perf_counter()
-            bundle.model(images[i % batch_size:i % batch_size + 1], metadata[i % batch_size:i % batch_size + 1])
-            forward_single.append(time.perf_counter() - tick)
-        for _ in range(n_batch):
-            tick = time.perf_counter()
-            bundle.model(images, metadata)
-            forward_batch.append(time.perf_counter() - tick)
-    return {
-        "single_request_median_ms": 1000 * statistics.median(single),
-        "single_request_p95_ms": 1000 * _percentile(single, 95),
-        f"batch{batch_size}_request_median_s": statistics.median(batch),
-        f"batch{batch_size}_images_per_s": batch_size / statistics.median(batch),
-        "forward_single_median_ms": 1000 * statistics.median(forward_single),
-        "forward_single_p95_ms": 1000 * _percentile(forward_single, 95),
-        f"forward_batch{batch_size}_median_s": statistics.median(forward_batch),
-        f"forward_batch{batch_size}_images_per_s": batch_size / statistics.median(forward_batch),
-        "n_single": n_single,
-        "n_batch": n_batch,
-        "torch_threads": torch.get_num_threads(),
-    }
+    served = http(0)["predictions"][0]
+    local = python_model.predict(None, frames[0]).iloc[0]
+    gap = max(abs(float(served[label]) - float(local[label])) for label in bundle.labels)
+    if gap > 1e-4:
+        raise RuntimeError(f"the server at {url} does not answer like {model_uri} (probabilities differ by "
+                           f"{gap:.3g}); pass the --model-uri it serves")
+
+    config = bundle.image_config  # None: a metadata-only model decodes no photo
+    images = (torch.stack([prepare_image(p, config) for p in photos]).contiguous(memory_format=torch.channels_last)
+              if config is not None else None)
+    metadata = torch.from_numpy(bundle.preprocessor.transform(rows))
+
+    def decode(k: int) -> None:
+        start, count = spans[k]
+        for photo in photos[start:start + count] if config is not None else []:
+            prepare_image(photo, config)
+        bundle.preprocessor.transform(rows.iloc[start:start + count])
+
+    def forward(k: int) -> None:
+        start, count = spans[k]
+        with torch.inference_mode():
+            bundle.model(None if images is None else images[start:start + count], metadata[start:start + count])
+
+    layers = {"forward": forward, "decode": decode, "pyfunc": lambda k: python_model.predict(None, frames[k]),
+              "http": http}
+    out: dict[str, Any] = {}
+    for name, ks, n in (("single", range(n_single), 1), (f"batch{batch_size}", [len(spans) - 1] * n_batch,
+                                                         batch_size)):
+        if not ks:
+            continue
+        for layer, call in layers.items():
+            for k in list(ks)[:warmup]:
+                call(k)
+            times = []
+            for k in ks:
+                tick = time.perf_counter()
+                call(k)
+                times.append(time.perf_counter() - tick)
+            out[f"{layer}_{name}_median_ms"] = 1000 * statistics.median(times)
+            out[f"{layer}_{name}_p95_ms"] = 1000 * _percentile(times, 95)
+        bare = out[f"forward_{name}_median_ms"] + out[f"decode_{name}_median_ms"]
+        out[f"ours_beyond_forward_decode_{name}_ms"] = out[f"pyfunc_{name}_median_ms"] - bare
+        out[f"mlflow_server_{name}_ms"] = out[f"http_{name}_median_ms"] - out[f"pyfunc_{name}_median_ms"]
+        out[f"http_over_forward_decode_{name}"] = out[f"http_{name}_median_ms"] / bare
+        out[f"http_{name}_images_per_s"] = 1000 * n / out[f"http_{name}_median_ms"]
+    out.update(n_single=n_single, n_batch=n_batch, batch_size=batch_size, torch_threads=torch.get_num_threads(),
+               model_uri=model_uri, photo_pixels=int(np.median([_pixels(p) for p in photos])))
+    return out
+
+
+def _pixels(photo: bytes) -> int:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(photo)) as image:
+        return image.size[0] * image.size[1]
 
 
 # -- soak: does the server's memory plateau? ----------------------------------------------
