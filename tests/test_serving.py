@@ -488,3 +488,43 @@ def test_mlflow_models_serve_end_to_end(served, metadata_frame, tmp_path, photo)
     finally:
         _stop(process)
     assert process.poll() is not None
+
+
+def test_client_posts_without_nagle_delay(monkeypatch):
+    """post_json (predict, score, the app, the benchmarks) opens connections with TCP_NODELAY:
+    with Nagle on, a photo-sized body waits ~40 ms for the server's delayed ACK."""
+    import http.server
+    import threading
+
+    class Echo(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            answer = json.dumps({"received": len(body)}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    nodelay = []
+    original = client._NoDelayHTTPConnection.connect
+
+    def connect(self):
+        original(self)
+        nodelay.append(self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    monkeypatch.setattr(client._NoDelayHTTPConnection, "connect", connect)
+    try:
+        body = {"image": "A" * 100_000}
+        status, answer = client.post_json(f"http://127.0.0.1:{server.server_address[1]}/invocations", body)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 200 and answer == {"received": len(json.dumps(body))}
+    assert nodelay and all(flag != 0 for flag in nodelay)

@@ -21,7 +21,7 @@ import torch
 
 from skinml.data import schema
 from skinml.data.source import load_metadata
-from skinml.serving.client import build_request, post_json, request_body
+from skinml.serving.client import build_request, open_url, post_json, request_body
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -74,7 +74,7 @@ def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50
         request = urllib.request.Request(endpoint, data=bodies[k], method="POST",
                                          headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=120) as response:
+            with open_url(request, 120) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             raise RuntimeError(f"server answered {exc.code}: {exc.read()[:300]!r}") from None
@@ -88,10 +88,17 @@ def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50
         raise RuntimeError(f"the server at {url} does not answer like {model_uri} (probabilities differ by "
                            f"{gap:.3g}); pass the --model-uri it serves")
 
+    # Torch work runs on the model's own thread, as in the server (SkinLesionClassifier's torch
+    # thread): any torch work on another thread would add a second OpenMP pool and slow both.
+    on_model_thread = getattr(python_model, "_on_torch_thread", lambda function, *args: function(*args))
     config = bundle.image_config  # None: a metadata-only model decodes no photo
-    images = (torch.stack([prepare_image(p, config) for p in photos]).contiguous(memory_format=torch.channels_last)
-              if config is not None else None)
-    metadata = torch.from_numpy(bundle.preprocessor.transform(rows))
+
+    def tensors():
+        images = (torch.stack([prepare_image(p, config) for p in photos]).contiguous(memory_format=torch.channels_last)
+                  if config is not None else None)
+        return images, torch.from_numpy(bundle.preprocessor.transform(rows))
+
+    images, metadata = on_model_thread(tensors)
 
     def decode(k: int) -> None:
         start, count = spans[k]
@@ -104,8 +111,8 @@ def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50
         with torch.inference_mode():
             bundle.model(None if images is None else images[start:start + count], metadata[start:start + count])
 
-    layers = {"forward": forward, "decode": decode, "pyfunc": lambda k: python_model.predict(None, frames[k]),
-              "http": http}
+    layers = {"forward": lambda k: on_model_thread(forward, k), "decode": lambda k: on_model_thread(decode, k),
+              "pyfunc": lambda k: python_model.predict(None, frames[k]), "http": http}
     out: dict[str, Any] = {}
     for name, ks, n in (("single", range(n_single), 1), (f"batch{batch_size}", [len(spans) - 1] * n_batch,
                                                          batch_size)):

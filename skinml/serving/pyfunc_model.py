@@ -72,7 +72,33 @@ class SkinLesionClassifier(PythonModel):
     See :mod:`skinml.serving.schema` for the request and response columns.
     """
 
+    # -- one thread for all torch work ----------------------------------------------------------
+    # The scoring server calls predict from a pool of threads (asyncio.to_thread). Torch's
+    # OpenMP pool then exists once per calling thread, and with more OpenMP threads than cores
+    # libgomp stops spinning between parallel regions: a Lite0 forward pass took 79-86 ms called
+    # from to_thread against 25-28 ms when the model is built and run on one thread of its own
+    # (README, "Serving latency"). So loading, decoding, the forward pass and explanations all
+    # run on a single dedicated thread; concurrent requests queue for it, as they would for the
+    # cores anyway.
+
+    def _on_torch_thread(self, function, *args):
+        executor = getattr(self, "_torch_thread", None)
+        if executor is None:
+            return function(*args)
+        return executor.submit(function, *args).result()  # exceptions re-raised here, unchanged
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_torch_thread", None)  # a thread pool does not pickle; load_context makes one
+        return state
+
     def load_context(self, context) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._torch_thread = ThreadPoolExecutor(1, thread_name_prefix="skinml-torch")
+        self._on_torch_thread(self._load_context, context)
+
+    def _load_context(self, context) -> None:
         import torch
 
         from skinml import inference
@@ -103,6 +129,9 @@ class SkinLesionClassifier(PythonModel):
                  self.bundle.weights_source, threads, self.limits.to_dict())
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        return self._on_torch_thread(self._predict, model_input, params)
+
+    def _predict(self, model_input: pd.DataFrame, params: dict[str, Any] | None) -> pd.DataFrame:
         import torch
 
         from skinml import inference
