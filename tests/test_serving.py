@@ -491,8 +491,8 @@ def test_mlflow_models_serve_end_to_end(served, metadata_frame, tmp_path, photo)
 
 
 def test_client_posts_without_nagle_delay(monkeypatch):
-    """post_json (predict, score, the app, the benchmarks) opens connections with TCP_NODELAY:
-    with Nagle on, a photo-sized body waits ~40 ms for the server's delayed ACK."""
+    """post_json (predict, score, the app, the benchmarks) opens connections with TCP_NODELAY, as
+    curl and urllib3 do, and still delivers a photo-sized body whole."""
     import http.server
     import threading
 

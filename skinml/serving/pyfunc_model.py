@@ -75,9 +75,9 @@ class SkinLesionClassifier(PythonModel):
     # -- one thread for all torch work ----------------------------------------------------------
     # The scoring server calls predict from a pool of threads (asyncio.to_thread). Torch's
     # OpenMP pool then exists once per calling thread, and with more OpenMP threads than cores
-    # libgomp stops spinning between parallel regions: a Lite0 forward pass took 79-86 ms called
-    # from to_thread against 25-28 ms when the model is built and run on one thread of its own
-    # (README, "Serving latency"). So loading, decoding, the forward pass and explanations all
+    # libgomp stops spinning between parallel regions: a Lite0 forward pass took 97-108 ms called
+    # from to_thread against 34-41 ms when the model is built and run on one thread of its own
+    # (python -m skinml.benchmarks.torch_thread; README, "Serving latency"). So loading, decoding, the forward pass and explanations all
     # run on a single dedicated thread; concurrent requests queue for it, as they would for the
     # cores anyway.
 
