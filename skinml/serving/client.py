@@ -108,16 +108,18 @@ def request_body(frame: pd.DataFrame, request_format: str = "dataframe_split", t
 # -- scoring ------------------------------------------------------------------------------
 
 
-class _NoDelayHTTPConnection(http.client.HTTPConnection):
+class _NoDelay:
     def connect(self) -> None:
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connect()  # type: ignore[misc]
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
 
 
-class _NoDelayHTTPSConnection(http.client.HTTPSConnection):
-    def connect(self) -> None:
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+class _NoDelayHTTPConnection(_NoDelay, http.client.HTTPConnection):
+    pass
+
+
+class _NoDelayHTTPSConnection(_NoDelay, http.client.HTTPSConnection):
+    pass
 
 
 class _NoDelayHTTPHandler(urllib.request.HTTPHandler):
