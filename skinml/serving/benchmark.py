@@ -45,10 +45,10 @@ def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50
     layer after ``warmup`` calls. The server must run ``model_uri``: its answer to the first
     photo is compared with the in-process one, so the layers time the same model.
     """
-    import base64
     import json
     import urllib.error
     import urllib.request
+    from pathlib import Path
 
     import mlflow
     import pandas as pd
@@ -68,7 +68,7 @@ def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50
         bodies.append(json.dumps(body).encode("utf-8"))
         # What MLflow's server passes to predict: the JSON's rows (nulls as None) as a DataFrame.
         frames.append(pd.DataFrame(body["dataframe_split"]["data"], columns=body["dataframe_split"]["columns"]))
-    photos = [base64.b64decode(text) for text in build_request(list(rows["image_path"]))["image"]]
+    photos = [Path(p).read_bytes() for p in rows["image_path"]]  # what the server gets after base64
 
     def http(k: int) -> dict:
         request = urllib.request.Request(endpoint, data=bodies[k], method="POST",
@@ -90,7 +90,7 @@ def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50
 
     # Torch work runs on the model's own thread, as in the server (SkinLesionClassifier's torch
     # thread): any torch work on another thread would add a second OpenMP pool and slow both.
-    on_model_thread = getattr(python_model, "_on_torch_thread", lambda function, *args: function(*args))
+    on_model_thread = getattr(python_model, "on_torch_thread", lambda function, *args: function(*args))
     config = bundle.image_config  # None: a metadata-only model decodes no photo
 
     def tensors():

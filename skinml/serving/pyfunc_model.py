@@ -81,7 +81,7 @@ class SkinLesionClassifier(PythonModel):
     # run on a single dedicated thread; concurrent requests queue for it, as they would for the
     # cores anyway.
 
-    def _on_torch_thread(self, function, *args):
+    def on_torch_thread(self, function, *args):
         executor = getattr(self, "_torch_thread", None)
         if executor is None:
             return function(*args)
@@ -96,7 +96,7 @@ class SkinLesionClassifier(PythonModel):
         from concurrent.futures import ThreadPoolExecutor
 
         self._torch_thread = ThreadPoolExecutor(1, thread_name_prefix="skinml-torch")
-        self._on_torch_thread(self._load_context, context)
+        self.on_torch_thread(self._load_context, context)
 
     def _load_context(self, context) -> None:
         import torch
@@ -129,7 +129,7 @@ class SkinLesionClassifier(PythonModel):
                  self.bundle.weights_source, threads, self.limits.to_dict())
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return self._on_torch_thread(self._predict, model_input, params)
+        return self.on_torch_thread(self._predict, model_input, params)
 
     def _predict(self, model_input: pd.DataFrame, params: dict[str, Any] | None) -> pd.DataFrame:
         import torch
