@@ -46,12 +46,12 @@ GEOMETRY_ONLY = AugmentConfig(resize=257, hflip=0, vflip=0, brightness=0, contra
                               rotation=0, translate=0, scale=(1.0, 1.0), blur_kernel=0, blur_p=0, erasing_p=0)
 
 
-def _training_views(config: ImageConfig, n: int = 8) -> list[torch.Tensor]:
+def _training_views(config: ImageConfig, n: int = 8, augment: AugmentConfig = GEOMETRY_ONLY) -> list[torch.Tensor]:
     photo = open_image(_disc_photo())
-    decoded = uint8_to_tensor(resize_to_array(photo, GEOMETRY_ONLY.resize))
+    decoded = uint8_to_tensor(resize_to_array(photo, augment.resize))
     torch.manual_seed(0)
-    per_image = [build_train_transform(config, GEOMETRY_ONLY)(decoded) for _ in range(n)]
-    batched = BatchAugment(config, GEOMETRY_ONLY)(decoded[None].repeat(n, 1, 1, 1), torch.Generator().manual_seed(0))
+    per_image = [build_train_transform(config, augment)(decoded) for _ in range(n)]
+    batched = BatchAugment(config, augment)(decoded[None].repeat(n, 1, 1, 1), torch.Generator().manual_seed(0))
     return per_image + list(batched)
 
 
@@ -76,6 +76,27 @@ def test_squash_view_is_the_smaller_scale_the_crop_view_fixes():
     evaluated = _disc_width(prepare_image(_disc_photo(), config))
     assert abs(evaluated - 112) <= 1.5  # 300 / 600 * 224
     assert min(abs(evaluated - w) for w in widths) >= 14  # 12% smaller than every training view
+
+
+def test_training_on_the_whole_photo_matches_the_squash_view(synthetic_dir):
+    # The other way to one geometry: train at the evaluation scale (augment_resize = image_size,
+    # no random crop), evaluate on the squashed whole photo.
+    recipe = resolve_recipe("default", model="cnn_fusion", backbone="test_efficientnet", pretrained="none",
+                            augment_resize=224, image_size=224)
+    from skinml.data.preprocess import MetadataPreprocessor
+
+    _, config = build_model(recipe, MetadataPreprocessor(False, False).fit(_frame(synthetic_dir)))
+    assert (config.resize, config.decode_size, config.image_size) == (0, 224, 224)
+    import dataclasses
+
+    whole = dataclasses.replace(GEOMETRY_ONLY, resize=recipe.augment.resize)
+    views = _training_views(config, augment=whole)
+    evaluated = prepare_image(_disc_photo(), config)
+    assert abs(_disc_width(evaluated) - 112) <= 1.5  # 300 / 600 * 224
+    assert all(abs(_disc_width(view) - _disc_width(evaluated)) <= 1 for view in views)
+    # without the random crop every geometry-only training view (per image and batched) is the
+    # evaluated image itself
+    assert all(torch.allclose(view, evaluated, atol=1e-5) for view in views)
 
 
 def test_image_config_round_trip_and_old_checkpoints():
