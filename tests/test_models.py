@@ -635,3 +635,12 @@ def test_recipe_turns_grad_checkpointing_on():
                            SimpleNamespace(n_features_out=NUM_METADATA))[0].grad_checkpointing
     # A memory knob, not a different recipe: comparisons do not list it as an override.
     assert "grad_checkpointing" not in recipe_overrides(recipe)
+
+
+def test_block_memory_counts_each_saved_storage_once():
+    from skinml.benchmarks.block_memory import saved_bytes
+
+    x = torch.randn(1000)
+    assert saved_bytes(lambda t: t * t, x) == 4000  # both factors are the same storage
+    assert saved_bytes(lambda t: (t * t).exp(), x) == 8000  # + exp's output
+    assert saved_bytes(lambda t: t + 1, x) == 0  # addition keeps nothing for backward
