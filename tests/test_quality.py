@@ -3,6 +3,7 @@ the permutation ("neutral") metadata arm."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from skinml import inference
 from skinml.data import schema
 from skinml.data.image_config import AugmentConfig, ImageConfig
 from skinml.data.images import open_image, resize_to_array
+from skinml.data.preprocess import MetadataPreprocessor
 from skinml.data.transforms import build_train_transform, prepare_image, uint8_to_tensor
 from skinml.models import create_model
 from skinml.training.augment import BatchAugment
@@ -55,12 +57,14 @@ def _training_views(config: ImageConfig, n: int = 8, augment: AugmentConfig = GE
     return per_image + list(batched)
 
 
-def test_crop_view_shows_the_lesion_at_the_training_scale(synthetic_dir):
-    recipe = resolve_recipe("default", model="cnn_fusion", backbone="test_efficientnet", pretrained="none",
-                            eval_view="crop", augment_resize=257, image_size=224)
-    from skinml.data.preprocess import MetadataPreprocessor
+def _view_config(synthetic_dir, **options) -> ImageConfig:
+    """The image view a tiny default-recipe cnn_fusion gets from build_model with ``options``."""
+    recipe = resolve_recipe("default", model="cnn_fusion", backbone="test_efficientnet", pretrained="none", **options)
+    return build_model(recipe, MetadataPreprocessor(False, False).fit(_frame(synthetic_dir)))[1]
 
-    _, config = build_model(recipe, MetadataPreprocessor(False, False).fit(_frame(synthetic_dir)))
+
+def test_crop_view_shows_the_lesion_at_the_training_scale(synthetic_dir):
+    config = _view_config(synthetic_dir, eval_view="crop", augment_resize=257, image_size=224)
     assert (config.resize, config.decode_size, config.image_size) == (257, 257, 224)
     widths = {_disc_width(view) for view in _training_views(config)}
     evaluated = _disc_width(prepare_image(_disc_photo(), config))
@@ -81,15 +85,9 @@ def test_squash_view_is_the_smaller_scale_the_crop_view_fixes():
 def test_training_on_the_whole_photo_matches_the_squash_view(synthetic_dir):
     # The other way to one geometry: train at the evaluation scale (augment_resize = image_size,
     # no random crop), evaluate on the squashed whole photo.
-    recipe = resolve_recipe("default", model="cnn_fusion", backbone="test_efficientnet", pretrained="none",
-                            augment_resize=224, image_size=224)
-    from skinml.data.preprocess import MetadataPreprocessor
-
-    _, config = build_model(recipe, MetadataPreprocessor(False, False).fit(_frame(synthetic_dir)))
+    config = _view_config(synthetic_dir, augment_resize=224, image_size=224)
     assert (config.resize, config.decode_size, config.image_size) == (0, 224, 224)
-    import dataclasses
-
-    whole = dataclasses.replace(GEOMETRY_ONLY, resize=recipe.augment.resize)
+    whole = dataclasses.replace(GEOMETRY_ONLY, resize=224)
     views = _training_views(config, augment=whole)
     evaluated = prepare_image(_disc_photo(), config)
     assert abs(_disc_width(evaluated) - 112) <= 1.5  # 300 / 600 * 224
