@@ -9,6 +9,7 @@ to end, image statistics over 512 augmentations of one photo agree with the real
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -105,10 +106,22 @@ def test_input_is_checked_naming_the_expected_shape():
     generator = torch.Generator().manual_seed(0)
     with pytest.raises(TypeError, match="uint8"):
         augment(torch.rand(2, 3, 72, 72), generator)
-    with pytest.raises(ValueError, match=r"\(B, 3, 72, 72\).*augment.resize=72.*\(2, 3, 64, 64\)"):
+    with pytest.raises(ValueError, match=r"\(B, 3, 72, 72\).*augment.resize=72, image_size=64.*\(2, 3, 64, 64\)"):
         augment(torch.zeros(2, 3, 64, 64, dtype=torch.uint8), generator)
     with pytest.raises(ValueError, match="blur_kernel"):
         BatchAugment(SMALL, AugmentConfig(resize=72, blur_kernel=4))
+
+
+def test_resize_zero_takes_the_whole_photo_at_the_model_size():
+    # augment.resize=0: the loader decodes at image_size (no crop); the batched path takes that
+    # size and draws the same stream as resize=image_size, so the two spellings train identically.
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    zero = BatchAugment(SMALL, dataclasses.replace(SMALL_RECIPE, resize=0))
+    same = BatchAugment(SMALL, dataclasses.replace(SMALL_RECIPE, resize=64))
+    assert zero.input_size == 64
+    assert torch.equal(zero(images, torch.Generator().manual_seed(3)), same(images, torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match=r"\(B, 3, 64, 64\).*augment.resize=0, image_size=64"):
+        zero(torch.zeros(2, 3, 72, 72, dtype=torch.uint8), torch.Generator().manual_seed(0))
 
 
 # --- (1) same parameters, same pixels ------------------------------------------------------------

@@ -50,7 +50,8 @@ GEOMETRY_ONLY = AugmentConfig(resize=257, hflip=0, vflip=0, brightness=0, contra
 
 def _training_views(config: ImageConfig, n: int = 8, augment: AugmentConfig = GEOMETRY_ONLY) -> list[torch.Tensor]:
     photo = open_image(_disc_photo())
-    decoded = uint8_to_tensor(resize_to_array(photo, augment.resize))
+    # decoded as the training loader decodes it (skinml.training.prepare.build_loaders)
+    decoded = uint8_to_tensor(resize_to_array(photo, augment.resize or config.image_size))
     torch.manual_seed(0)
     per_image = [build_train_transform(config, augment)(decoded) for _ in range(n)]
     batched = BatchAugment(config, augment)(decoded[None].repeat(n, 1, 1, 1), torch.Generator().manual_seed(0))
@@ -82,12 +83,13 @@ def test_squash_view_is_the_smaller_scale_the_crop_view_fixes():
     assert min(abs(evaluated - w) for w in widths) >= 14  # 12% smaller than every training view
 
 
-def test_training_on_the_whole_photo_matches_the_squash_view(synthetic_dir):
+@pytest.mark.parametrize("resize", [224, 0])
+def test_training_on_the_whole_photo_matches_the_squash_view(synthetic_dir, resize):
     # The other way to one geometry: train at the evaluation scale (augment_resize = image_size,
-    # no random crop), evaluate on the squashed whole photo.
-    config = _view_config(synthetic_dir, augment_resize=224, image_size=224)
+    # or 0 for "whatever image_size is": no random crop), evaluate on the squashed whole photo.
+    config = _view_config(synthetic_dir, augment_resize=resize, image_size=224)
     assert (config.resize, config.decode_size, config.image_size) == (0, 224, 224)
-    whole = dataclasses.replace(GEOMETRY_ONLY, resize=224)
+    whole = dataclasses.replace(GEOMETRY_ONLY, resize=resize)
     views = _training_views(config, augment=whole)
     evaluated = prepare_image(_disc_photo(), config)
     assert abs(_disc_width(evaluated) - 112) <= 1.5  # 300 / 600 * 224

@@ -78,7 +78,9 @@ class BatchAugment:
 
     ``augment(images, generator)`` takes a uint8 tensor ``(B, 3, resize, resize)`` on any
     device and returns float32 ``(B, 3, image_size, image_size)``, normalised with the image
-    config's mean and std. The same generator state gives the same output.
+    config's mean and std. The same generator state gives the same output. ``augment.resize=0``
+    means the photo is decoded at ``image_size`` (the whole photo, no crop), as the training
+    loader decodes it.
     """
 
     def __init__(self, image_config: ImageConfig, augment_config: AugmentConfig):
@@ -88,6 +90,11 @@ class BatchAugment:
             raise ValueError(f"augment.blur_kernel must be odd, got {augment_config.blur_kernel}.")
         if min(augment_config.scale) <= 0:
             raise ValueError(f"augment.scale must be positive, got {augment_config.scale}.")
+
+    @property
+    def input_size(self) -> int:
+        """The side of the uint8 images this takes: ``augment.resize``, or ``image_size`` for 0."""
+        return self.augment.resize or self.image_config.image_size
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         self._check(images)
@@ -112,7 +119,7 @@ class BatchAugment:
         def coin(p: float) -> torch.Tensor:
             return torch.rand(n, generator=gen, device=gen.device) < p
 
-        slack = max(a.resize - size, 0)  # crops only when the cache is larger than the model input
+        slack = max(self.input_size - size, 0)  # crops only when the cache is larger than the model input
         crop_top, crop_left = integers(slack + 1), integers(slack + 1)
         hflip, vflip = coin(a.hflip), coin(a.vflip)
         # argsort of i.i.d. uniforms is a uniformly random permutation, like torch.randperm(4).
@@ -157,7 +164,7 @@ class BatchAugment:
         """Augment ``images`` with given parameters (on the images' device)."""
         self._check(images)
         a, size = self.augment, self.image_config.image_size
-        if a.resize >= size:
+        if self.input_size >= size:
             x = _crop(images, params.crop_top, params.crop_left, size).float()
         else:
             x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
@@ -179,12 +186,13 @@ class BatchAugment:
         return x
 
     def _check(self, images: torch.Tensor) -> None:
-        r = self.augment.resize
+        r = self.input_size
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
             raise TypeError(f"BatchAugment takes a uint8 tensor, got {getattr(images, 'dtype', type(images))}.")
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, r, r):
             raise ValueError(
-                f"BatchAugment takes images of shape (B, 3, {r}, {r}) (augment.resize={r}), "
+                f"BatchAugment takes images of shape (B, 3, {r}, {r}) (augment.resize={self.augment.resize}, "
+                f"image_size={self.image_config.image_size}), "
                 f"got {tuple(images.shape)}."
             )
 

@@ -80,7 +80,7 @@ def build_model(recipe: Recipe, preprocessor: MetadataPreprocessor) -> tuple[Ski
     if not model.uses_images:
         return model, None
     data_config = model.data_config
-    resize = (recipe.augment.resize or recipe.image_size) if recipe.eval_view == "crop" else 0
+    resize = recipe.train_decode_size if recipe.eval_view == "crop" else 0
     return model, ImageConfig(image_size=recipe.image_size, mean=tuple(data_config["mean"]),
                               std=tuple(data_config["std"]), resize=resize)
 
@@ -149,7 +149,7 @@ def build_loaders(recipe: Recipe, data: TrainingData, image_config: ImageConfig 
     """
     dist_info = dist_info or DistInfo()
     uses_images = image_config is not None
-    train_size = (recipe.augment.resize or recipe.image_size) if uses_images else None
+    train_size = recipe.train_decode_size if uses_images else None
     train_arrays = build_split_arrays(data.train, data.preprocessor, train_size, cache=cache_images)
     val_arrays = build_split_arrays(data.val, data.preprocessor, image_config.decode_size if uses_images else None,
                                     cache=cache_images)

@@ -79,7 +79,17 @@ class Recipe:
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.augment.resize < self.image_size and self.augment.resize != 0:
-            raise ValueError(f"augment.resize ({self.augment.resize}) must be >= image_size ({self.image_size})")
+            raise ValueError(f"augment.resize ({self.augment.resize}) must be 0 (decode at image_size, no crop) "
+                             f"or >= image_size ({self.image_size})")
+
+    @property
+    def train_decode_size(self) -> int:
+        """The side training photos are decoded (squashed) to before the random crop.
+
+        ``augment.resize``; 0 means ``image_size``: the whole photo, no crop, the evaluation's
+        squash view whatever the backbone's input size.
+        """
+        return self.augment.resize or self.image_size
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
