@@ -298,13 +298,19 @@ def test_default_preset_is_the_recipe_chosen_on_validation():
     assert (default.metadata_encoding, default.missing_indicators, default.questionnaire_dropout,
             default.eval_view, default.augment_device) == ("onehot", True, 0.5, "squash", "batch")
     assert (default.imbalance, default.lr_backbone) == (v1.imbalance, v1.lr_backbone) == ("loss", 1e-4)
+    # one geometry: training decodes the whole photo at the model's input size, no random crop
+    assert default.augment.resize == 0 and default.train_decode_size == default.image_size == 224
+    assert resolve_recipe("default", image_size=240).train_decode_size == 240  # larger backbones too
     assert recipe_overrides(default) == []
-    # the candidate runs were trained as default_v1 plus these overrides; they selected their
-    # epoch on the crop view and were scored both ways (README, "Results")
+    # the first candidate runs were trained as default_v1 plus these overrides (random 224 crops of
+    # a 257-px decode); they selected their epoch on the crop view and were scored both ways
     candidate = resolve_recipe("default_v1", metadata_encoding="onehot", missing_indicators="true",
                                questionnaire_dropout="0.5", augment_device="batch", eval_view="crop")
     differ = {k for k, v in candidate.flat().items() if k != "preset" and default.flat()[k] != v}
-    assert differ == {"eval_view"}
+    assert differ == {"eval_view", "augment.resize"} and candidate.augment.resize == 257
+    # the previous default (README, "Results": "as shipped until 2026-11-29") is one override away
+    previous = resolve_recipe("default", augment_resize=257)
+    assert {k for k, v in previous.flat().items() if default.flat()[k] != v} == {"augment.resize"}
 
 
 def test_compare_keeps_an_ensemble_apart_from_its_members():

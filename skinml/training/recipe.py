@@ -127,8 +127,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # recipe"): default_v1 plus one-hot metadata with missingness indicators and questionnaire
     # dropout (p=0.5), so the model cannot live on "missing questionnaire => benign";
     # augmentation batched on the training device (same distribution, 1.8x faster end to end on a
-    # 2-core CPU). The evaluation view stays "squash": validation preferred it to "crop" on
-    # complete-questionnaire rows over the candidate's seeds.
+    # 2-core CPU). One geometry for training and evaluation: training sees the whole photo at the
+    # model's input size (augment.resize=0: no random crop; flips, rotation, affine, colour, blur
+    # and erasing stay), as evaluation and serving do (the "squash" view). Validation preferred
+    # this, over five seeds, to training on random crops of a larger decode (the recipe before
+    # 2026-11-29) and to evaluating at the crop scale (eval_view="crop").
     "default": {
         "imbalance": "loss",
         "lr_backbone": 1e-4,
@@ -136,6 +139,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "missing_indicators": True,
         "questionnaire_dropout": 0.5,
         "augment_device": "batch",
+        "augment": AugmentConfig(resize=0),
     },
 }
 
