@@ -51,7 +51,7 @@ GEOMETRY_ONLY = AugmentConfig(resize=257, hflip=0, vflip=0, brightness=0, contra
 def _training_views(config: ImageConfig, n: int = 8, augment: AugmentConfig = GEOMETRY_ONLY) -> list[torch.Tensor]:
     photo = open_image(_disc_photo())
     # decoded as the training loader decodes it (skinml.training.prepare.build_loaders)
-    decoded = uint8_to_tensor(resize_to_array(photo, augment.resize or config.image_size))
+    decoded = uint8_to_tensor(resize_to_array(photo, augment.decode_size(config.image_size)))
     torch.manual_seed(0)
     per_image = [build_train_transform(config, augment)(decoded) for _ in range(n)]
     batched = BatchAugment(config, augment)(decoded[None].repeat(n, 1, 1, 1), torch.Generator().manual_seed(0))
@@ -308,7 +308,7 @@ def test_default_preset_is_the_recipe_chosen_on_validation():
                                questionnaire_dropout="0.5", augment_device="batch", eval_view="crop")
     differ = {k for k, v in candidate.flat().items() if k != "preset" and default.flat()[k] != v}
     assert differ == {"eval_view", "augment.resize"} and candidate.augment.resize == 257
-    # the previous default (README, "Results": "as shipped until 2026-11-29") is one override away
+    # the previous default (README, "Results": "(2) previous default", random crops) is one override away
     previous = resolve_recipe("default", augment_resize=257)
     assert {k for k, v in previous.flat().items() if default.flat()[k] != v} == {"augment.resize"}
 

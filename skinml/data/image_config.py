@@ -76,3 +76,11 @@ class AugmentConfig:
     blur_kernel: int = 3
     blur_p: float = 0.2
     erasing_p: float = 0.2
+
+    def decode_size(self, image_size: int) -> int:
+        """The side training photos are decoded (squashed) to before the random crop.
+
+        ``resize``; 0 means ``image_size``: the whole photo, no crop (the evaluation's squash
+        view), whatever the backbone's input size.
+        """
+        return self.resize or image_size

@@ -32,9 +32,10 @@ def build_eval_transform(config: ImageConfig) -> v2.Compose:
 
 
 def build_train_transform(config: ImageConfig, augment: AugmentConfig) -> v2.Compose:
-    """Acts on a CHW uint8 tensor resized to ``augment.resize``."""
-    steps: list = [v2.RandomCrop(config.image_size)] if augment.resize > config.image_size else []
-    if augment.resize < config.image_size:
+    """Acts on a CHW uint8 tensor resized to ``augment.decode_size(config.image_size)``."""
+    decoded = augment.decode_size(config.image_size)
+    steps: list = [v2.RandomCrop(config.image_size)] if decoded > config.image_size else []
+    if decoded < config.image_size:
         steps.append(v2.Resize((config.image_size, config.image_size), antialias=True))
     if augment.hflip:
         steps.append(v2.RandomHorizontalFlip(augment.hflip))

@@ -94,7 +94,7 @@ class BatchAugment:
     @property
     def input_size(self) -> int:
         """The side of the uint8 images this takes: ``augment.resize``, or ``image_size`` for 0."""
-        return self.augment.resize or self.image_config.image_size
+        return self.augment.decode_size(self.image_config.image_size)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         self._check(images)

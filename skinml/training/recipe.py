@@ -84,12 +84,8 @@ class Recipe:
 
     @property
     def train_decode_size(self) -> int:
-        """The side training photos are decoded (squashed) to before the random crop.
-
-        ``augment.resize``; 0 means ``image_size``: the whole photo, no crop, the evaluation's
-        squash view whatever the backbone's input size.
-        """
-        return self.augment.resize or self.image_size
+        """The side training photos are decoded to (:meth:`AugmentConfig.decode_size`)."""
+        return self.augment.decode_size(self.image_size)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
