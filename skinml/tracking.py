@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,6 +221,31 @@ def git_tags() -> dict[str, str]:
 
 def log_json(data: Any, artifact_file: str) -> None:
     mlflow.log_text(json.dumps(data, indent=2, sort_keys=True, default=str), artifact_file)
+
+
+#: How a store reports that another process inserted the same row first (PostgreSQL, SQLite, MySQL).
+_DUPLICATE_KEY_MARKERS = ("duplicate key value", "UNIQUE constraint failed", "Duplicate entry")
+
+
+def log_input(dataset: Any, context: str, attempts: int = 4) -> None:
+    """``mlflow.log_input``, safe when several runs log the same dataset at once.
+
+    MLflow's store looks the dataset up and inserts it if absent in one transaction, so two
+    trainings starting together on one tracking server can both miss it and the second insert
+    fails on the dataset's primary key (``duplicate key value violates unique constraint
+    "dataset_pk"``). The failed transaction is rolled back whole; logging again finds the row the
+    other run inserted and only links this run to it. Any other error is raised at once.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except mlflow.exceptions.MlflowException as exc:
+            if attempt == attempts or not any(marker in str(exc) for marker in _DUPLICATE_KEY_MARKERS):
+                raise
+            log.info("dataset %s was inserted by another run meanwhile; logging it again (%d/%d)",
+                     getattr(dataset, "name", "?"), attempt, attempts)
+            time.sleep(0.05 * attempt)
 
 
 def param_text(value: Any) -> str:

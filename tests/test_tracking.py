@@ -54,3 +54,41 @@ def test_cli_split_reports_bad_folder_without_traceback(mlflow_store, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode != 0
     assert "nope" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dataset_logged_by_a_concurrent_run_is_linked_not_fatal(mlflow_store, synthetic_dir, monkeypatch):
+    """Two trainings starting together on one server race to insert the same dataset row; the
+    loser's first insert fails on the primary key (seen in CI with PostgreSQL). Logging again
+    links the run to the row the other inserted; the run's inputs are complete."""
+    real = mlflow.log_input
+    calls = []
+
+    def racing(dataset, context=None, **kwargs):
+        calls.append(context)
+        if len(calls) == 1:  # the other run inserted this dataset between our lookup and our insert
+            other = mlflow.MlflowClient().create_run(tracking.get_experiment_id("skinml"))
+            with mlflow.start_run(run_id=other.info.run_id, nested=True):
+                real(dataset, context=context)
+            raise mlflow.exceptions.MlflowException(
+                'BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique '
+                'constraint "dataset_pk"')
+        return real(dataset, context=context, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    ref = run_split(str(synthetic_dir), seed=42)
+    assert calls == ["train", "train", "val", "test"]  # the raced one once more, the others once
+    run = mlflow.MlflowClient().get_run(ref.run_id)
+    assert sorted(i.tags[0].value for i in run.inputs.dataset_inputs) == ["test", "train", "val"]
+
+
+def test_other_dataset_logging_errors_are_not_retried(mlflow_store, synthetic_dir, monkeypatch):
+    calls = []
+
+    def broken(dataset, context=None, **kwargs):
+        calls.append(context)
+        raise mlflow.exceptions.MlflowException("INVALID_PARAMETER_VALUE: dataset schema too long")
+
+    monkeypatch.setattr(mlflow, "log_input", broken)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="schema too long"):
+        run_split(str(synthetic_dir), seed=42)
+    assert calls == ["train"]

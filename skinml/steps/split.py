@@ -57,7 +57,7 @@ def log_dataset_inputs(manifest: pd.DataFrame, data_dir: str, split_names=("trai
             dataset = mlflow.data.from_pandas(
                 part, source=str(data_dir), targets=schema.TARGET, name=f"pad-ufes-20-{name}"
             )
-            mlflow.log_input(dataset, context=name)
+            tracking.log_input(dataset, context=name)
 
 
 def split_params(data_dir: str, seed: int, strategy: str, val_fraction: float, test_fraction: float,
