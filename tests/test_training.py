@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -150,3 +151,17 @@ def test_metadata_only_trains_without_images(mlflow_store, synthetic_dir):
     assert run.data.tags[tracking.TAG_FAMILY] == "baseline"
     state = inference.load_checkpoint(tracking.download_artifact(result.run_id, inference.BEST))
     assert state["image_config"] is None
+
+
+def test_peak_rss_counts_a_transient_allocation():
+    """The logged ``peak_rss_mb`` is the process's high-water mark (what ``/usr/bin/time -v``
+    reports), not the resident memory at the epoch's end: a 400 MiB array freed again still counts."""
+    code = ("import numpy as np, psutil\n"
+            "from skinml.training.fit import peak_rss_mb\n"
+            "before = psutil.Process().memory_info().rss / 2**20\n"
+            "a = np.ones(400 * 2**18, dtype=np.float32); del a\n"
+            "print(before, peak_rss_mb(), psutil.Process().memory_info().rss / 2**20)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    before, peak, now = map(float, out.split())
+    assert peak - before >= 380  # the freed array is in the peak (taken over what was resident before)...
+    assert peak - now >= 380  # ...and no longer resident

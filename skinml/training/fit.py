@@ -8,12 +8,13 @@ here from the recipe so that every caller trains the same way.
 from __future__ import annotations
 
 import logging
+import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import psutil
 import torch
 from torch import nn
 
@@ -55,6 +56,13 @@ class EpochEnd:
     state: TrainState
 
 
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (``ru_maxrss``), in MiB: what ``/usr/bin/time -v``
+    reports at the end, not a sample, so the transient peak of a backward pass is counted."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
 def fit(model: nn.Module, train_loader, val_loader, val_labels: np.ndarray, criterion, optimizer, scheduler,
         device: torch.device, recipe: Recipe, state: TrainState,
         on_epoch_end: Callable[[EpochEnd], None] | None = None, max_epochs: int | None = None,
@@ -65,8 +73,6 @@ def fit(model: nn.Module, train_loader, val_loader, val_labels: np.ndarray, crit
     ``before_epoch(epoch)`` seeds the epoch's data order (:meth:`Loaders.set_epoch`);
     ``batch_transform`` augments each batch on the device (:meth:`Loaders.augment`).
     """
-    process = psutil.Process()
-    peak_rss = process.memory_info().rss
     start_epoch = state.epoch + 1
     for epoch in range(start_epoch, recipe.epochs + 1):
         if max_epochs is not None and epoch - start_epoch >= max_epochs:
@@ -84,8 +90,7 @@ def fit(model: nn.Module, train_loader, val_loader, val_labels: np.ndarray, crit
         scheduler.step()
         row.update(val_loss=val_loss, **epoch_metrics(val_labels, proba, schema.LABELS), **lrs)
         row["epoch_seconds"] = time.perf_counter() - tick
-        peak_rss = max(peak_rss, process.memory_info().rss)
-        row["peak_rss_mb"] = peak_rss / 2**20
+        row["peak_rss_mb"] = peak_rss_mb()
 
         improved = state.improved(val_loss)
         state.epoch = epoch
