@@ -8,7 +8,6 @@ part of a training run's memory that is the model's own (activations of one forw
 
 from __future__ import annotations
 
-import resource
 import sys
 
 
@@ -24,6 +23,7 @@ def main(batch: int = 32, size: int = 224, checkpoint: bool = False, steps: int 
     torch.set_num_threads(1)
     out = {"after_import_mb": mb()}
     from skinml.models import create_model
+    from skinml.training.fit import peak_rss_mb
 
     model = create_model("cnn_fusion", 40, pretrained="package").train().to(memory_format=torch.channels_last)
     model.set_grad_checkpointing(checkpoint)
@@ -35,7 +35,7 @@ def main(batch: int = 32, size: int = 224, checkpoint: bool = False, steps: int 
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_mb"] = peak_rss_mb()
     print(f"batch {batch} at {size}px{' (checkpointed)' if checkpoint else ''}: after import {out['after_import_mb']:.0f} MB, model {out['after_model_mb']:.0f} MB, "
           f"peak {out['peak_mb']:.0f} MB")
     return out
