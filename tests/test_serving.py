@@ -431,12 +431,14 @@ def test_mlflow_models_serve_end_to_end(served, metadata_frame, tmp_path, photo)
         for size in ("single", "batch4"):
             bare = report[f"forward_{size}_median_ms"] + report[f"decode_{size}_median_ms"]
             # Every layer timed (no ordering asserted: the test machine may be busy).
-            for layer in ("forward", "decode", "pyfunc", "http"):
+            for layer in ("forward", "decode", "pyfunc", "handler", "http"):
                 assert 0 < report[f"{layer}_{size}_median_ms"] <= report[f"{layer}_{size}_p95_ms"] < 60_000
             assert report[f"http_over_forward_decode_{size}"] == pytest.approx(
                 report[f"http_{size}_median_ms"] / bare)
             assert report[f"mlflow_server_{size}_ms"] == pytest.approx(
                 report[f"http_{size}_median_ms"] - report[f"pyfunc_{size}_median_ms"])
+            assert report[f"mlflow_handler_{size}_ms"] + report[f"web_server_{size}_ms"] == pytest.approx(
+                report[f"mlflow_server_{size}_ms"])
         assert report["batch_size"] == 4 and report["http_batch4_images_per_s"] == pytest.approx(
             4000 / report["http_batch4_median_ms"])
         # Timing another model than the one served would compare different things: refused.

@@ -37,8 +37,13 @@ def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50
       the clinical encoding, i.e. what must happen to any photo before the forward pass;
     - ``pyfunc``: the registered model's ``predict`` in this process on the DataFrame the server
       hands it (base64 photos): our whole request path (validation, decoding, forward, answer);
-    - ``http``: the round trip to ``url`` (the JSON body is built beforehand): ``pyfunc`` plus
-      MLflow's scoring server (JSON parsing, DataFrame, schema, response) and the socket.
+    - ``handler``: MLflow's request handler in this process
+      (``mlflow.pyfunc.scoring_server.invocations`` on the JSON body): ``pyfunc`` plus MLflow's
+      JSON parsing, DataFrame, ``PyFuncModel.predict`` wrapper and JSON answer, without the web
+      server;
+    - ``http``: the round trip to ``url`` (the JSON body is built beforehand): ``handler`` plus
+      the web server (uvicorn, FastAPI and its middleware, the hand-off to a pool thread) and
+      the socket.
 
     Medians over ``n_single`` one-photo requests (cycling through the folder's photos, the same
     photos in every layer) and ``n_batch`` requests of the first ``batch_size`` photos, each
@@ -79,7 +84,16 @@ def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50
         except urllib.error.HTTPError as exc:
             raise RuntimeError(f"server answered {exc.code}: {exc.read()[:300]!r}") from None
 
-    python_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    from mlflow.pyfunc import scoring_server
+
+    pyfunc_model = mlflow.pyfunc.load_model(model_uri)
+    python_model = pyfunc_model.unwrap_python_model()
+    input_schema = pyfunc_model.metadata.get_input_schema()
+
+    def handler(k: int) -> None:
+        answer = scoring_server.invocations(bodies[k], "application/json", pyfunc_model, input_schema)
+        if answer.status != 200:
+            raise RuntimeError(f"MLflow's handler answered {answer.status}: {str(answer.response)[:300]}")
     bundle = python_model.bundle
     served = http(0)["predictions"][0]
     local = python_model.predict(None, frames[0]).iloc[0]
@@ -112,7 +126,7 @@ def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50
             bundle.model(None if images is None else images[start:start + count], metadata[start:start + count])
 
     layers = {"forward": lambda k: on_model_thread(forward, k), "decode": lambda k: on_model_thread(decode, k),
-              "pyfunc": lambda k: python_model.predict(None, frames[k]), "http": http}
+              "pyfunc": lambda k: python_model.predict(None, frames[k]), "handler": handler, "http": http}
     out: dict[str, Any] = {}
     for name, ks, n in (("single", range(n_single), 1), (f"batch{batch_size}", [len(spans) - 1] * n_batch,
                                                          batch_size)):
@@ -131,6 +145,10 @@ def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50
         bare = out[f"forward_{name}_median_ms"] + out[f"decode_{name}_median_ms"]
         out[f"ours_beyond_forward_decode_{name}_ms"] = out[f"pyfunc_{name}_median_ms"] - bare
         out[f"mlflow_server_{name}_ms"] = out[f"http_{name}_median_ms"] - out[f"pyfunc_{name}_median_ms"]
+        # MLflow's part, split: its handler (JSON in and out, DataFrame, predict wrapper) and the
+        # web server around it (uvicorn, FastAPI, thread hand-off, socket).
+        out[f"mlflow_handler_{name}_ms"] = out[f"handler_{name}_median_ms"] - out[f"pyfunc_{name}_median_ms"]
+        out[f"web_server_{name}_ms"] = out[f"http_{name}_median_ms"] - out[f"handler_{name}_median_ms"]
         out[f"http_over_forward_decode_{name}"] = out[f"http_{name}_median_ms"] / bare
         out[f"http_{name}_images_per_s"] = 1000 * n / out[f"http_{name}_median_ms"]
     out.update(n_single=n_single, n_batch=n_batch, batch_size=batch_size, torch_threads=torch.get_num_threads(),
