@@ -530,3 +530,34 @@ def test_client_posts_without_nagle_delay(monkeypatch):
         server.server_close()
     assert status == 200 and answer == {"received": len(json.dumps(body))}
     assert nodelay and all(flag != 0 for flag in nodelay)
+
+
+def test_benchmark_times_the_bare_layers_on_the_models_own_thread():
+    """Models logged before and after the rename of the thread helper both get their layers run on
+    the model's thread (another thread would add a second OpenMP pool and slow every layer); a
+    model without one runs them on the caller's thread, like its predict."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from skinml.serving.benchmark import model_thread
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="model-own")
+
+    class Current:
+        def on_torch_thread(self, function, *args):
+            return pool.submit(function, *args).result()
+
+    class Older:  # registered with the code of f844ec0..150e378
+        def _on_torch_thread(self, function, *args):
+            return pool.submit(function, *args).result()
+
+    def where(x):
+        return threading.current_thread().name, x
+
+    try:
+        for model in (Current(), Older()):
+            name, value = model_thread(model)(where, 7)
+            assert name.startswith("model-own") and value == 7
+        assert model_thread(object())(where, 8) == (threading.current_thread().name, 8)
+    finally:
+        pool.shutdown()
