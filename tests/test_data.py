@@ -10,7 +10,7 @@ import pytest
 
 from skinml.data import schema, source
 from skinml.data.images import ImageError, decode_all, open_image
-from skinml.data.preprocess import MetadataError, MetadataPreprocessor
+from skinml.data.preprocess import ColumnTable, MetadataError, MetadataPreprocessor
 from skinml.data.split import attach_split, manifest_bytes, patient_level_split, split_summary
 from skinml.data.synthetic import make_synthetic_dataset
 
@@ -216,6 +216,34 @@ def test_bad_values_name_row_and_column(split_frame):
         pre.transform(pd.DataFrame({"age": ["abc"]}, index=[7]))
     with pytest.raises(MetadataError, match=r"row 0: diameter_1=-3 is out of range"):
         pre.transform(pd.DataFrame({"age": [40], "diameter_1": [-3]}))
+
+
+def test_column_table_encodes_like_the_frame(split_frame):
+    # The serving path hands the preprocessor a ColumnTable; every encoding must match the DataFrame's.
+    frame = split_frame.copy()
+    frame.loc[frame.index[:5], "region"] = "ELBOW"  # unseen values too
+    frame.index = frame.index * 3 + 7  # an index that is not 0..n-1
+    table = ColumnTable.from_frame(frame)
+    assert len(table) == len(frame) and table.index == list(frame.index)
+    assert [type(v) for v in table["age"][:3]] == [type(v) for v in frame["age"].astype(object)[:3]]
+    for kwargs in ({}, {"missing_indicators": True, "encoding": "onehot"}):
+        pre = MetadataPreprocessor(**kwargs).fit(split_frame[split_frame.split == "train"])
+        np.testing.assert_array_equal(pre.transform(table), pre.transform(frame))
+        assert pre.unseen_values(table) == pre.unseen_values(frame)
+        assert len(pre.unseen_values(table)) >= 5
+    assert table.to_frame().equals(frame.astype(object))
+    with pytest.raises(MetadataError, match=r"row 7: age must be a number, got 'abc'"):
+        MetadataPreprocessor().fit(split_frame).transform(ColumnTable({"age": ["abc"]}, [7]))
+
+
+def test_column_table_refuses_ambiguous_columns():
+    frame = pd.DataFrame([[1, 2]], columns=["age", "age"])
+    with pytest.raises(ValueError, match=r"more than once: \['age'\]"):
+        ColumnTable.from_frame(frame)
+    with pytest.raises(KeyError, match="smoke"):
+        ColumnTable.from_frame(pd.DataFrame({"age": [1]}), ["age", "smoke"])
+    with pytest.raises(ValueError, match="'age' has 2 values for 1 rows"):
+        ColumnTable({"age": [1, 2]}, [0])
 
 
 def test_json_round_trip_is_exact(split_frame, tmp_path):

@@ -156,6 +156,30 @@ def test_json_types_missing_fields_and_unk(fitted, photo):
     assert {"age", "smoke"} <= set(unk.warnings[0][0].split(": ")[-1].split(", "))  # value; elsewhere imputed
 
 
+def test_clinical_table_and_frame_forms_agree(fitted):
+    # The request path reads a ColumnTable; the CLI and explanations read normalise_clinical's
+    # DataFrame: same values (UNK -> None where UNK is not a category), same warnings.
+    from skinml.serving import schema as serving_schema
+
+    preprocessor, _ = fitted
+    request = pd.DataFrame([{"age": "UNK", "smoke": " unk ", "itch": "UNK", "region": "ELBOW", "diameter_1": 4},
+                            {"age": 61, "smoke": None, "itch": "True", "region": "face", "diameter_1": np.nan}],
+                           index=[10, 11])
+    table = serving_schema.clinical_table(request, preprocessor)
+    frame = serving_schema.normalise_clinical(request, preprocessor)
+    assert table.index == [10, 11] and list(frame.index) == [10, 11]
+    assert table["age"] == [None, 61] and table["smoke"][0] is None and table["itch"] == ["UNK", "True"]
+    assert frame["age"].tolist() == [None, 61] and frame.at[11, "region"] == "face"
+    assert list(frame.columns) == table.columns == [c for c in preprocessor.input_columns if c in request.columns]
+    imputed = serving_schema.imputed_fields(table, preprocessor)
+    assert imputed == serving_schema.imputed_fields(frame, preprocessor)
+    assert {"age", "smoke", "gender"} <= set(imputed[10]) and "age" not in imputed[11] and "diameter_1" in imputed[11]
+    warned = serving_schema.unknown_value_warnings(table, preprocessor)
+    assert warned == serving_schema.unknown_value_warnings(frame, preprocessor) and list(warned) == [10]
+    assert "region='ELBOW'" in warned[10][0]
+    np.testing.assert_array_equal(preprocessor.transform(table), preprocessor.transform(frame))
+
+
 def test_unknown_category_is_accepted_with_a_warning(fitted, photo):
     preprocessor, config = fitted
     request = pd.DataFrame([{"image": b64(photo), "region": "BACK"}, {"image": b64(photo), "region": "MARS"}])
@@ -561,3 +585,35 @@ def test_benchmark_times_the_bare_layers_on_the_models_own_thread():
         assert model_thread(object())(where, 8) == (threading.current_thread().name, 8)
     finally:
         pool.shutdown()
+
+
+def test_benchmark_encodes_clinical_fields_as_the_models_own_code_does(fitted, metadata_frame):
+    """The decode layer encodes the clinical fields the way the model's request path does: from
+    column lists with current code, from the DataFrame for a model registered before them."""
+    import types
+
+    from skinml.serving.benchmark import clinical_encoder
+
+    preprocessor, _ = fitted
+    rows = metadata_frame.head(4)
+    seen = []
+
+    class Recording:
+        input_columns = preprocessor.input_columns
+
+        def transform(self, frame):
+            seen.append(type(frame).__name__)
+            return preprocessor.transform(frame)
+
+    older = types.ModuleType("older_skinml_preprocess")  # an old model's module: no ColumnTable
+    Recording.__module__ = older.__name__
+    sys.modules[older.__name__] = older
+    try:
+        np.testing.assert_array_equal(clinical_encoder(Recording())(rows), preprocessor.transform(rows))
+        assert seen == ["DataFrame"]
+    finally:
+        del sys.modules[older.__name__]
+    seen.clear()
+    Recording.__module__ = type(preprocessor).__module__  # current code: column lists
+    np.testing.assert_array_equal(clinical_encoder(Recording())(rows), preprocessor.transform(rows))
+    assert seen == ["ColumnTable"]

@@ -112,11 +112,13 @@ def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50
 
     images, metadata = on_model_thread(tensors)
 
+    encode = clinical_encoder(bundle.preprocessor)
+
     def decode(k: int) -> None:
         start, count = spans[k]
         for photo in photos[start:start + count] if config is not None else []:
             prepare_image(photo, config)
-        bundle.preprocessor.transform(rows.iloc[start:start + count])
+        encode(rows.iloc[start:start + count])
 
     def forward(k: int) -> None:
         start, count = spans[k]
@@ -152,6 +154,22 @@ def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50
     out.update(n_single=n_single, n_batch=n_batch, batch_size=batch_size, torch_threads=torch.get_num_threads(),
                model_uri=model_uri, photo_pixels=int(np.median([_pixels(p) for p in photos])))
     return out
+
+
+def clinical_encoder(preprocessor):
+    """``frame`` -> encoded clinical fields, as the model's own request path encodes them.
+
+    A model runs the code it was registered with: its preprocessor's module has
+    :class:`~skinml.data.preprocess.ColumnTable` (the request path encodes column lists) or,
+    registered before it, encodes the DataFrame; the decode layer times the same work.
+    """
+    import sys
+
+    table = getattr(sys.modules.get(type(preprocessor).__module__), "ColumnTable", None)
+    columns = list(preprocessor.input_columns)
+    if table is None:
+        return lambda frame: preprocessor.transform(frame)
+    return lambda frame: preprocessor.transform(table.from_frame(frame, [c for c in columns if c in frame.columns]))
 
 
 def model_thread(python_model):

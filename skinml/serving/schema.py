@@ -35,7 +35,7 @@ import torch
 
 from skinml.data import schema
 from skinml.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, check_image
-from skinml.data.preprocess import MetadataError, MetadataPreprocessor
+from skinml.data.preprocess import ColumnTable, MetadataError, MetadataPreprocessor
 from skinml.data.transforms import ImageConfig, prepare_image
 
 IMAGE_COLUMN = "image"
@@ -286,12 +286,12 @@ def check_columns(frame: pd.DataFrame, preprocessor: MetadataPreprocessor, allow
 _SCALAR_TYPES = (str, bool, int, float, np.integer, np.floating, np.bool_)
 
 
-def check_clinical_values(clinical: pd.DataFrame, preprocessor: MetadataPreprocessor) -> None:
+def check_clinical_values(clinical: pd.DataFrame | ColumnTable, preprocessor: MetadataPreprocessor) -> None:
     """Refuse values the preprocessor cannot use, with messages that start with the row and
     field and echo at most :data:`MAX_ECHO` characters of the value."""
     numeric = set(preprocessor.numeric_columns)
     for column in clinical.columns:
-        for row, value in clinical[column].items():
+        for row, value in zip(clinical.index, clinical[column]):
             if schema.is_missing(value):
                 continue
             if not isinstance(value, _SCALAR_TYPES):
@@ -323,23 +323,29 @@ def normalise_clinical(frame: pd.DataFrame, preprocessor: MetadataPreprocessor) 
 
     ``UNK`` is a category of its own where the data has it (``itch``, countries...); elsewhere
     (age, smoke, region...) a client sending ``UNK`` means "not known", which is imputed like a
-    missing value rather than scored as an unseen category.
+    missing value rather than scored as an unseen category. A DataFrame of Python objects; see
+    :func:`clinical_table` for the same values column by column.
     """
+    return clinical_table(frame, preprocessor).to_frame()
+
+
+def clinical_table(frame: pd.DataFrame, preprocessor: MetadataPreprocessor) -> ColumnTable:
+    """:func:`normalise_clinical` as a :class:`ColumnTable`: the request path's form, read
+    column by column by the checks, the encoding and the warnings without pandas per column."""
     columns = [c for c in clinical_columns(preprocessor) if c in frame.columns]
-    clinical = frame[columns].astype(object)  # a copy
+    clinical = ColumnTable.from_frame(frame, columns)  # a copy
     for column in columns:
         if schema.UNKNOWN_TOKEN in preprocessor.vocabularies_.get(column, ()) \
                 or schema.UNKNOWN_TOKEN in schema.VOCABULARIES.get(column, ()):
             continue
-        values = clinical[column].to_numpy()
-        is_unk = np.fromiter((isinstance(v, str) and v.strip().upper() == schema.UNKNOWN_TOKEN for v in values),
-                             dtype=bool, count=len(values))
-        if is_unk.any():  # writing a column costs far more than reading it
-            clinical.loc[is_unk, column] = None
+        values = clinical[column]
+        for i, value in enumerate(values):
+            if isinstance(value, str) and value.strip().upper() == schema.UNKNOWN_TOKEN:
+                values[i] = None
     return clinical
 
 
-def unknown_value_warnings(clinical: pd.DataFrame, preprocessor: MetadataPreprocessor) -> dict[Any, list[str]]:
+def unknown_value_warnings(clinical: pd.DataFrame | ColumnTable, preprocessor: MetadataPreprocessor) -> dict[Any, list[str]]:
     """Per row, one warning for each category the model never saw (it is scored as "unknown")."""
     found: dict[Any, list[str]] = {}
     for row, column, value in preprocessor.unseen_values(clinical):
@@ -352,19 +358,22 @@ def unknown_value_warnings(clinical: pd.DataFrame, preprocessor: MetadataPreproc
     return found
 
 
-def imputed_fields(clinical: pd.DataFrame, preprocessor: MetadataPreprocessor) -> dict[Any, list[str]]:
+def imputed_fields(clinical: pd.DataFrame | ColumnTable, preprocessor: MetadataPreprocessor) -> dict[Any, list[str]]:
     """Per row, the clinical fields the model reads that the row leaves missing (absent, null,
     empty, or ``UNK`` where that is not a category): the preprocessor imputes them."""
     numeric = set(preprocessor.numeric_columns)
+    present = set(clinical.columns)
     found: dict[Any, list[str]] = {row: [] for row in clinical.index}
     for column in clinical_columns(preprocessor):
-        for row in clinical.index:
-            if column not in clinical.columns:
-                missing = True
-            elif column in numeric:
-                missing = schema.is_missing(clinical.at[row, column])
+        if column not in present:
+            for fields in found.values():
+                fields.append(column)
+            continue
+        for row, value in zip(clinical.index, clinical[column]):
+            if column in numeric:
+                missing = schema.is_missing(value)
             else:
-                missing = schema.canonical_category(column, clinical.at[row, column]) is None
+                missing = schema.canonical_category(column, value) is None
             if missing:
                 found[row].append(column)
     return found
@@ -413,7 +422,7 @@ def validate_request(
                 raise field_error(row, IMAGE_COLUMN, cut(str(exc), 300)) from None
         images = torch.stack(tensors)
 
-    clinical = normalise_clinical(frame, preprocessor)
+    clinical = clinical_table(frame, preprocessor)
     check_clinical_values(clinical, preprocessor)
     try:
         metadata = preprocessor.transform(clinical)
