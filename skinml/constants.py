@@ -14,7 +14,7 @@ MODEL_NAMES: tuple[str, ...] = ("cnn_fusion", "spatial_fusion", "image_only", "m
 MODEL_FAMILIES: tuple[str, ...] = ("fusion", "baseline")
 
 #: Recipe presets: ``default`` (chosen on validation) and ``original`` (the status report's).
-RECIPE_PRESETS: tuple[str, ...] = ("default", "default_v1", "original")
+RECIPE_PRESETS: tuple[str, ...] = ("default", "default_lite2", "default_v1", "original")
 IMBALANCE_CHOICES: tuple[str, ...] = ("sampler", "loss", "both", "none")
 METADATA_ENCODINGS: tuple[str, ...] = ("ordinal", "onehot")
 #: Where training augments: per image in DataLoader workers, or per batch on the training device.

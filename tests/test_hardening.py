@@ -131,6 +131,24 @@ def test_only_the_chosen_recipe_takes_the_alias(mlflow_store, tiny_training):
     assert registry.select_best_run(recipe="default").info.run_id == default
 
 
+def test_either_chosen_recipe_takes_the_alias_when_better(mlflow_store, tiny_training):
+    from skinml.steps.main import CHAMPION_RECIPES
+
+    assert CHAMPION_RECIPES == ("default", "default_lite2")
+    default = _finished_training(tiny_training.checkpoint, 0.50, "default")
+    lite2 = _finished_training(tiny_training.checkpoint, 0.60, "default_lite2")
+    worse = _finished_training(tiny_training.checkpoint, 0.55, "default_lite2")
+    original = _finished_training(tiny_training.checkpoint, 0.90, "original")
+    assert registry.register_run(default, name="m", champion_recipe=CHAMPION_RECIPES)["alias_moved"]
+    info = registry.register_run(lite2, name="m", champion_recipe=CHAMPION_RECIPES)
+    assert info["alias_moved"] and info["champion_version"] == info["version"]
+    held = registry.register_run(worse, name="m", champion_recipe=CHAMPION_RECIPES)  # the same rule: not better
+    assert not held["alias_moved"] and held["champion_version"] == info["version"]
+    refused = registry.register_run(original, name="m", champion_recipe=CHAMPION_RECIPES)
+    assert not refused["alias_moved"] and refused["champion_version"] == info["version"]
+    assert "is not the validation-chosen one of 'default', 'default_lite2'" in refused["reason"]
+
+
 def test_batched_augmentation_trains_reproducibly(mlflow_store, synthetic_dir):
     """augment_device=batch: the loader yields uint8 crops, the device augments; same seed, same run."""
     recipe = tiny(epochs=2, augment_device="batch")

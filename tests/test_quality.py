@@ -313,6 +313,18 @@ def test_default_preset_is_the_recipe_chosen_on_validation():
     assert {k for k, v in previous.flat().items() if default.flat()[k] != v} == {"augment.resize"}
 
 
+def test_lite2_preset_is_the_default_on_lite2_at_its_native_size():
+    from skinml.steps.train import recipe_overrides
+
+    default, lite2 = resolve_recipe("default"), resolve_recipe("default_lite2")
+    assert (lite2.backbone, lite2.image_size, lite2.train_decode_size) == ("efficientnet_lite2", 260, 260)
+    assert {k for k, v in lite2.flat().items() if default.flat()[k] != v} == {"preset", "backbone", "image_size"}
+    assert recipe_overrides(lite2) == []
+    # the validation runs were `--recipe default --backbone efficientnet_lite2 --set image_size=260`
+    assert resolve_recipe("default", backbone="efficientnet_lite2", image_size="260").flat() == \
+        {**lite2.flat(), "preset": "default"}
+
+
 def test_compare_keeps_an_ensemble_apart_from_its_members():
     from types import SimpleNamespace
 

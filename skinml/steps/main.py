@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 #: Metrics of the training run copied to the parent row (the table the UI shows first).
 HEADLINE_PREFIXES = ("test_", "best_val", "val_test_gap")
-#: The recipe chosen on validation (README, "Recipes"): the one whose runs may become champion.
-CHAMPION_RECIPE = "default"
+#: The recipes chosen on validation (README, "Recipes"): those whose runs may become champion.
+#: ``default`` (Lite0, the Quickstart's) and the same recipe on Lite2, ahead of it on validation.
+CHAMPION_RECIPES = ("default", "default_lite2")
 
 
 def run_main(recipe: Recipe, data_dir: str | None = None, seed: int = 42, split_seed: int = 42,
@@ -89,9 +90,9 @@ def _register(train_id: str, recipe: Recipe, model_name: str | None) -> dict | N
     if family != "fusion":
         print(f"[main] not registering: {recipe.model} is a {family} model, only fusion models are served")
         return None
-    # The same rule as `skinml register --recipe default`: only the validation-chosen recipe, as
-    # chosen, competes for the champion alias; other recipes are registered for comparison.
-    info = register_run(train_id, name=model_name or DEFAULT_MODEL_NAME, champion_recipe=CHAMPION_RECIPE)
+    # The same rule as `skinml register --recipe default`: only the validation-chosen recipes, as
+    # chosen, compete for the champion alias; other recipes are registered for comparison.
+    info = register_run(train_id, name=model_name or DEFAULT_MODEL_NAME, champion_recipe=CHAMPION_RECIPES)
     mlflow.set_tags({"skinml.registered_version": info["version"], "skinml.alias_moved": str(info["alias_moved"])})
     print(f"[main] registered {info['name']} version {info['version']}: {info['reason']}")
     return info

@@ -21,6 +21,7 @@ import logging
 import math
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -311,14 +312,19 @@ def _description(name: str, version: str, run: Run, tags: dict[str, str], metric
     ])
 
 
-def _not_champion_material(run: Run, champion_recipe: str | None) -> str | None:
-    """Why ``run`` may be registered but must not take the alias (None: it may)."""
+def _not_champion_material(run: Run, champion_recipe: str | Sequence[str] | None) -> str | None:
+    """Why ``run`` may be registered but must not take the alias (None: it may).
+
+    ``champion_recipe``: the recipe (or recipes) chosen on validation; None lets any run compete.
+    """
     if not champion_recipe:
         return None
+    chosen = (champion_recipe,) if isinstance(champion_recipe, str) else tuple(champion_recipe)
     recipe = run.data.tags.get(tracking.TAG_RECIPE)
     overrides = run.data.tags.get(tracking.TAG_RECIPE_OVERRIDES)
-    if recipe != champion_recipe:
-        return f"recipe {recipe!r} is not the validation-chosen {champion_recipe!r}: registered, champion unchanged"
+    if recipe not in chosen:
+        named = repr(chosen[0]) if len(chosen) == 1 else "one of " + ", ".join(repr(c) for c in chosen)
+        return f"recipe {recipe!r} is not the validation-chosen {named}: registered, champion unchanged"
     if overrides:
         return (f"recipe {recipe!r} with overrides ({overrides}) is not the validation-chosen recipe: registered, "
                 "champion unchanged")
@@ -357,14 +363,14 @@ def register_run(
     force: bool = False,
     pixel_limit: int = DEFAULT_MAX_PIXELS,
     limits: serving_schema.ServingLimits | None = None,
-    champion_recipe: str | None = None,
+    champion_recipe: str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Log ``run_id``'s model, register it as a new version of ``name`` and maybe move the alias.
 
     The pyfunc model is logged in a new ``register`` run (under ``mlflow run``, the run MLflow
     started) in the training run's experiment. A run that already has a version of ``name`` is
-    not registered again unless ``force``. With ``champion_recipe`` only a run of that recipe,
-    without overrides, may take the alias (others are registered, the champion stays). Returns ``{name, version, run_id, register_run_id,
+    not registered again unless ``force``. With ``champion_recipe`` only a run of that recipe
+    (or of one of those recipes), without overrides, may take the alias (others are registered, the champion stays). Returns ``{name, version, run_id, register_run_id,
     model_uri, metric, value, alias_moved, champion_version, reason, registered}``.
     """
     check_selection_metric(metric)
