@@ -617,3 +617,12 @@ def test_benchmark_encodes_clinical_fields_as_the_models_own_code_does(fitted, m
     Recording.__module__ = type(preprocessor).__module__  # current code: column lists
     np.testing.assert_array_equal(clinical_encoder(Recording())(rows), preprocessor.transform(rows))
     assert seen == ["ColumnTable"]
+
+
+def test_request_path_benchmark_times_both_layers(synthetic_dir, capsys):
+    from skinml.benchmarks.request_path import main
+
+    out = main(str(synthetic_dir), rounds=2, calls=3)
+    assert set(out) == {"validate_request, clinical fields", "format_predictions"}
+    assert all(len(times) == 2 and all(0 < t < 1000 for t in times) for times in out.values())
+    assert "median of 3 calls per round" in capsys.readouterr().out
