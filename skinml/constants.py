@@ -13,7 +13,8 @@ import warnings
 MODEL_NAMES: tuple[str, ...] = ("cnn_fusion", "spatial_fusion", "image_only", "metadata_only")
 MODEL_FAMILIES: tuple[str, ...] = ("fusion", "baseline")
 
-#: Recipe presets: ``default`` (chosen on validation) and ``original`` (the status report's).
+#: Recipe presets: ``default`` (chosen on validation), ``default_lite2`` (it on Lite2),
+#: ``default_v1`` (the first default) and ``original`` (the status report's).
 RECIPE_PRESETS: tuple[str, ...] = ("default", "default_lite2", "default_v1", "original")
 IMBALANCE_CHOICES: tuple[str, ...] = ("sampler", "loss", "both", "none")
 METADATA_ENCODINGS: tuple[str, ...] = ("ordinal", "onehot")

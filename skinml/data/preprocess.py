@@ -61,10 +61,14 @@ class ColumnTable:
             duplicated = list(dict.fromkeys(frame.columns[frame.columns.duplicated()]))
             raise ValueError(f"columns given more than once: {duplicated}")
         columns = list(frame.columns) if columns is None else list(columns)
-        block = frame.to_numpy(dtype=object)  # one conversion, then plain lists
         positions = frame.columns.get_indexer(columns)
         if (positions < 0).any():
             raise KeyError(f"no column {columns[int(np.argmax(positions < 0))]!r}")
+        if len(frame) > 1 and len(columns) < len(frame.columns):
+            # Only the wanted columns: a request's other column holds the photos, which the
+            # conversion would copy (Arrow strings -> Python strings) for nothing.
+            frame, positions = frame.iloc[:, positions], np.arange(len(columns))
+        block = frame.to_numpy(dtype=object)  # one conversion, then plain lists (cheapest for one row)
         return cls({c: block[:, j].tolist() for c, j in zip(columns, positions)}, frame.index)
 
     @property
@@ -116,7 +120,8 @@ class MetadataPreprocessor:
 
     @property
     def input_columns(self) -> list[str]:
-        return [c for c in schema.FEATURES if c in self.numeric_columns or c in self.categorical_columns]
+        used = {*self.numeric_columns, *self.categorical_columns}  # built once, not per feature
+        return [c for c in schema.FEATURES if c in used]
 
     # -- parsing and validation, shared by fit and transform ------------------------------
     def _numeric(self, frame: pd.DataFrame, column: str) -> np.ndarray:
