@@ -19,25 +19,40 @@ import sys
 import time
 
 
-def main(data_dir: str, rounds: int = 5, calls: int = 200) -> dict[str, list[float]]:
-    import numpy as np
+def one_photo_requests(data_dir: str, n: int = 50):
+    """The first ``n`` photos' one-photo requests as MLflow's server hands them to ``predict``
+    (DataFrames), their metadata rows, and a preprocessor with the default recipe's encoding
+    (fitted on the whole folder: the statistics do not matter for timing).
+
+    Built only from APIs older checkouts have too (``--code``), hence not shared with
+    :func:`skinml.serving.benchmark.benchmark`, which builds the same requests.
+    """
     import pandas as pd
 
     from skinml.data import schema
     from skinml.data.preprocess import MetadataPreprocessor
     from skinml.data.source import load_metadata
-    from skinml.serving import schema as serving
     from skinml.serving.client import build_request, request_body
 
     frame = load_metadata(data_dir).sort_values(schema.IMAGE_ID).reset_index(drop=True)
-    # the default recipe's encoding; fitted on the whole folder (the statistics do not matter here)
     preprocessor = MetadataPreprocessor(encoding="onehot", missing_indicators=True).fit(frame)
-    rows = frame.head(50)
+    rows = frame.head(n)
     requests = []
     for _, row in rows.iterrows():
         clinical = {c: row[c] for c in schema.FEATURES if c != "biopsed"}
         body = request_body(build_request([row["image_path"]], [clinical]))["dataframe_split"]
         requests.append(pd.DataFrame(body["data"], columns=body["columns"]))
+    return requests, rows, preprocessor
+
+
+def main(data_dir: str, rounds: int = 5, calls: int = 200) -> dict[str, list[float]]:
+    import numpy as np
+    import pandas as pd
+
+    from skinml.data import schema
+    from skinml.serving import schema as serving
+
+    requests, _, preprocessor = one_photo_requests(data_dir)
     probabilities = np.full((1, len(schema.LABELS)), 1 / len(schema.LABELS))
     layers = {
         "validate_request, clinical fields": lambda request: serving.validate_request(request, preprocessor, None),
