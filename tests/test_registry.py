@@ -102,6 +102,32 @@ def test_champion_decision():
     assert registry.pip_requirements()[:2] == ["torch==2.14.1", "torchvision==0.29.1"]
 
 
+def test_requirements_pin_uvicorns_fast_parser_when_installed(monkeypatch):
+    import importlib.metadata
+
+    pins = registry.pip_requirements()
+    installed = {name: importlib.metadata.version(name) for name in registry.SERVER_PACKAGES}
+    assert [p for p in pins if p.split("==")[0] in registry.SERVER_PACKAGES] == [
+        f"{name}=={version}" for name, version in installed.items()]
+    real = importlib.metadata.version
+
+    def without(missing):
+        def version(name):
+            if name == missing:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return real(name)
+        return version
+
+    # uvloop has no Windows build: the model is still logged, without the pin
+    monkeypatch.setattr(importlib.metadata, "version", without("uvloop"))
+    assert [p.split("==")[0] for p in registry.pip_requirements()] == [
+        *registry.SERVING_PACKAGES, "httptools"]
+    # a package the model imports must be there
+    monkeypatch.setattr(importlib.metadata, "version", without("timm"))
+    with pytest.raises(importlib.metadata.PackageNotFoundError, match="timm"):
+        registry.pip_requirements()
+
+
 # -- registration -------------------------------------------------------------------------
 
 

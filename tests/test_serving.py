@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
 from click.testing import CliRunner
@@ -400,6 +401,11 @@ def test_mlflow_models_serve_end_to_end(served, metadata_frame, tmp_path, photo)
     try:
         startup = _wait_until_healthy(process, port, log_path)
         print(f"server healthy after {startup:.1f}s")
+        # uvicorn runs with its compiled HTTP parser and event loop (the install brings httptools
+        # and uvloop; without them it falls back to h11 and asyncio, slower per request)
+        server = psutil.Process(process.pid)
+        maps = "".join(Path(f"/proc/{p.pid}/maps").read_text() for p in [server, *server.children(recursive=True)])
+        assert "httptools" in maps and "uvloop" in maps
         rows = metadata_frame.head(4)
         request = client.build_request(list(rows["image_path"]), clinical_records(rows))
         request.loc[request.index[3], "region"] = "MARS"

@@ -45,6 +45,11 @@ DEFAULT_FAMILY = "fusion"
 MODEL_ARTIFACT = "model"
 #: Packages the served model imports, pinned to the versions installed when it is logged.
 SERVING_PACKAGES = ("torch", "torchvision", "timm", "mlflow", "pandas", "numpy", "pillow", "scikit-learn", "captum")
+#: uvicorn's compiled HTTP parser and event loop: `mlflow models serve` runs uvicorn, which picks
+#: them when installed (else pure-Python h11 and asyncio, a few ms slower per request; README,
+#: "Serving latency"). Pinned when installed (uvloop has no Windows build), so an environment
+#: built from the model's requirements serves as fast as this one.
+SERVER_PACKAGES = ("httptools", "uvloop")
 
 # Tags recorded on every model version.
 VTAG_TRAIN_RUN = tracking.TAG_TRAIN_RUN
@@ -161,8 +166,13 @@ def select_best_run(
 def pip_requirements() -> list[str]:
     """Exact pins of the packages the served model imports, as installed now."""
     pins = []
-    for package in SERVING_PACKAGES:
-        version = importlib.metadata.version(package).split("+")[0]  # drop local tags such as +cpu
+    for package in SERVING_PACKAGES + SERVER_PACKAGES:
+        try:
+            version = importlib.metadata.version(package).split("+")[0]  # drop local tags such as +cpu
+        except importlib.metadata.PackageNotFoundError:
+            if package in SERVER_PACKAGES:
+                continue
+            raise
         pins.append(f"{package}=={version}")
     return pins
 
