@@ -562,6 +562,38 @@ def test_client_posts_without_nagle_delay(monkeypatch):
     assert nodelay and all(flag != 0 for flag in nodelay)
 
 
+def test_benchmark_layers_take_turns_on_the_same_requests(monkeypatch):
+    """Every layer times every request once, after its warm-up; the layers take turns chunk by
+    chunk; a layer timed while the machine is slow is not alone in being slow."""
+    from skinml.serving import benchmark as bench
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+    calls = []
+
+    def layer(name, cost):
+        def call(k):
+            calls.append((name, k))
+            # the machine is twice as slow during requests 4..7, whichever layer runs then
+            clock["now"] += cost * (2 if 4 <= k < 8 else 1)
+        return call
+
+    layers = {"a": layer("a", 1.0), "b": layer("b", 3.0)}
+    times = bench.time_layers(layers, list(range(10)), warmup=2, rounds=3)
+    assert calls[:4] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]  # warm-up, untimed
+    assert [c for c in calls[4:]] == ([("a", k) for k in range(3)] + [("b", k) for k in range(3)]
+                                      + [("a", k) for k in range(3, 6)] + [("b", k) for k in range(3, 6)]
+                                      + [("a", k) for k in range(6, 10)] + [("b", k) for k in range(6, 10)])
+    assert times["a"] == [1, 1, 1, 1, 2, 2, 2, 2, 1, 1] and times["b"] == [3 * t for t in times["a"]]
+    # one round is one block per layer; more rounds than requests is one request per round
+    calls.clear()
+    bench.time_layers(layers, [5, 6], warmup=0, rounds=1)
+    assert calls == [("a", 5), ("a", 6), ("b", 5), ("b", 6)]
+    calls.clear()
+    assert bench.time_layers(layers, [5, 6], warmup=0, rounds=9)["b"] == [6.0, 6.0]
+    assert calls == [("a", 5), ("b", 5), ("a", 6), ("b", 6)]
+
+
 def test_benchmark_times_the_bare_layers_on_the_models_own_thread():
     """Models logged before and after the rename of the thread helper both get their layers run on
     the model's thread (another thread would add a second OpenMP pool and slow every layer); a

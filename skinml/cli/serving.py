@@ -174,12 +174,16 @@ def score(data_dir, out, url, model_uri, name, batch_size, top_k, drop_missing_i
 @click.option("--n-single", default=50, show_default=True, type=click.IntRange(1))
 @click.option("--n-batch", default=5, show_default=True, type=click.IntRange(0))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1),
+              help="The layers take turns this many times (each times a share of the requests), so a "
+                   "machine whose speed drifts touches them alike.")
 @click.option("--soak", "soak_requests", default=0, show_default=True, type=click.IntRange(0),
               help="Instead: send this many single-photo requests one after another and record the "
                    "server's resident memory (needs --server-pid).")
 @click.option("--server-pid", default=None, type=int, help="Process id of the server (its children count too).")
 @click.option("--every", default=500, show_default=True, type=click.IntRange(1), help="Soak: RSS sample interval.")
-def benchmark_serving(url, data_dir, model_uri, n_single, n_batch, batch_size, soak_requests, server_pid, every):
+def benchmark_serving(url, data_dir, model_uri, n_single, n_batch, batch_size, rounds, soak_requests, server_pid,
+                      every):
     """Latency (median, p95) and throughput of a running server vs the bare model forward,
     or (--soak N) the server's memory over N requests."""
     import json
@@ -199,5 +203,5 @@ def benchmark_serving(url, data_dir, model_uri, n_single, n_batch, batch_size, s
     else:
         from skinml.serving.benchmark import benchmark
 
-        result = benchmark(url, data_dir, model_uri, n_single, n_batch, batch_size)
+        result = benchmark(url, data_dir, model_uri, n_single, n_batch, batch_size, rounds=rounds)
     click.echo(json.dumps(result, indent=2))

@@ -28,8 +28,32 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
+def time_layers(layers: dict[str, Any], ks: list[int], warmup: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each layer on requests ``ks``, the layers taking turns in ``rounds``.
+
+    Each layer is warmed up on the first ``warmup`` requests, then the requests are cut into
+    ``rounds`` consecutive chunks and every layer times one chunk before the next layer does. A
+    machine that slows down or speeds up during the benchmark (a shared VM, a neighbour's job)
+    then touches every layer alike instead of only the layer timed at that moment, so the ratios
+    between layers hold better than with one block per layer.
+    """
+    for call in layers.values():
+        for k in ks[:warmup]:
+            call(k)
+    rounds = max(1, min(rounds, len(ks)))
+    chunks = [ks[len(ks) * r // rounds:len(ks) * (r + 1) // rounds] for r in range(rounds)]
+    times: dict[str, list[float]] = {layer: [] for layer in layers}
+    for chunk in chunks:
+        for layer, call in layers.items():
+            for k in chunk:
+                tick = time.perf_counter()
+                call(k)
+                times[layer].append(time.perf_counter() - tick)
+    return times
+
+
 def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50, n_batch: int = 5,
-              batch_size: int = 32, warmup: int = 3) -> dict[str, Any]:
+              batch_size: int = 32, warmup: int = 3, rounds: int = 5) -> dict[str, Any]:
     """One request of 1 and of ``batch_size`` photos, timed layer by layer on the same photos.
 
     - ``forward``: the model on tensors already decoded (``inference_mode``);
@@ -47,7 +71,7 @@ def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50
 
     Medians over ``n_single`` one-photo requests (cycling through the folder's photos, the same
     photos in every layer) and ``n_batch`` requests of the first ``batch_size`` photos, each
-    layer after ``warmup`` calls. The server must run ``model_uri``: its answer to the first
+    layer after ``warmup`` calls, the layers taking turns in ``rounds`` (:func:`time_layers`). The server must run ``model_uri``: its answer to the first
     photo is compared with the in-process one, so the layers time the same model.
     """
     import json
@@ -132,14 +156,7 @@ def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50
                                                          batch_size)):
         if not ks:
             continue
-        for layer, call in layers.items():
-            for k in list(ks)[:warmup]:
-                call(k)
-            times = []
-            for k in ks:
-                tick = time.perf_counter()
-                call(k)
-                times.append(time.perf_counter() - tick)
+        for layer, times in time_layers(layers, list(ks), warmup, rounds).items():
             out[f"{layer}_{name}_median_ms"] = 1000 * statistics.median(times)
             out[f"{layer}_{name}_p95_ms"] = 1000 * _percentile(times, 95)
         bare = out[f"forward_{name}_median_ms"] + out[f"decode_{name}_median_ms"]
@@ -151,7 +168,8 @@ def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50
         out[f"web_server_{name}_ms"] = out[f"http_{name}_median_ms"] - out[f"handler_{name}_median_ms"]
         out[f"http_over_forward_decode_{name}"] = out[f"http_{name}_median_ms"] / bare
         out[f"http_{name}_images_per_s"] = 1000 * n / out[f"http_{name}_median_ms"]
-    out.update(n_single=n_single, n_batch=n_batch, batch_size=batch_size, torch_threads=torch.get_num_threads(),
+    out.update(n_single=n_single, n_batch=n_batch, batch_size=batch_size, rounds=rounds,
+               torch_threads=torch.get_num_threads(),
                model_uri=model_uri, photo_pixels=int(np.median([_pixels(p) for p in photos])))
     return out
 
