@@ -563,34 +563,36 @@ def test_client_posts_without_nagle_delay(monkeypatch):
 
 
 def test_benchmark_layers_take_turns_on_the_same_requests(monkeypatch):
-    """Every layer times every request once, after its warm-up; the layers take turns chunk by
-    chunk; a layer timed while the machine is slow is not alone in being slow."""
+    """Every layer times every request once, after its warm-up, the layers taking turns chunk by
+    chunk; so when the machine slows down halfway, two layers doing the same work time alike
+    (timed in one block each, the second would look twice as slow)."""
     from skinml.serving import benchmark as bench
 
     clock = {"now": 0.0}
     monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
     calls = []
 
-    def layer(name, cost):
+    def layer(name):
         def call(k):
             calls.append((name, k))
-            # the machine is twice as slow during requests 4..7, whichever layer runs then
-            clock["now"] += cost * (2 if 4 <= k < 8 else 1)
+            clock["now"] += 2.0 if clock["now"] >= 8 else 1.0  # the machine halves its speed at t=8
         return call
 
-    layers = {"a": layer("a", 1.0), "b": layer("b", 3.0)}
-    times = bench.time_layers(layers, list(range(10)), warmup=2, rounds=3)
-    assert calls[:4] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]  # warm-up, untimed
-    assert [c for c in calls[4:]] == ([("a", k) for k in range(3)] + [("b", k) for k in range(3)]
-                                      + [("a", k) for k in range(3, 6)] + [("b", k) for k in range(3, 6)]
-                                      + [("a", k) for k in range(6, 10)] + [("b", k) for k in range(6, 10)])
-    assert times["a"] == [1, 1, 1, 1, 2, 2, 2, 2, 1, 1] and times["b"] == [3 * t for t in times["a"]]
-    # one round is one block per layer; more rounds than requests is one request per round
-    calls.clear()
-    bench.time_layers(layers, [5, 6], warmup=0, rounds=1)
-    assert calls == [("a", 5), ("a", 6), ("b", 5), ("b", 6)]
-    calls.clear()
-    assert bench.time_layers(layers, [5, 6], warmup=0, rounds=9)["b"] == [6.0, 6.0]
+    layers = {"a": layer("a"), "b": layer("b")}
+    times = bench.time_layers(layers, list(range(8)), warmup=0, rounds=4)
+    assert calls == [(name, k) for chunk in ((0, 1), (2, 3), (4, 5), (6, 7)) for name in "ab" for k in chunk]
+    assert times == {"a": [1, 1, 1, 1, 2, 2, 2, 2], "b": [1, 1, 1, 1, 2, 2, 2, 2]}
+    clock["now"], calls[:] = 0.0, []
+    times = bench.time_layers(layers, list(range(8)), warmup=0, rounds=1)  # one block per layer
+    assert times == {"a": [1] * 8, "b": [2] * 8}
+    # warm-up calls come first and are not timed; uneven chunks; more rounds than requests
+    clock["now"], calls[:] = 0.0, []
+    times = bench.time_layers(layers, list(range(5)), warmup=2, rounds=2)
+    assert calls == [("a", 0), ("a", 1), ("b", 0), ("b", 1),
+                     ("a", 0), ("a", 1), ("b", 0), ("b", 1), ("a", 2), ("a", 3), ("a", 4), ("b", 2), ("b", 3), ("b", 4)]
+    assert [len(t) for t in times.values()] == [5, 5]
+    calls[:] = []
+    bench.time_layers(layers, [5, 6], warmup=0, rounds=9)
     assert calls == [("a", 5), ("b", 5), ("a", 6), ("b", 6)]
 
 

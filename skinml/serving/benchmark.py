@@ -71,8 +71,9 @@ def benchmark(url: str, data_dir: str | None, model_uri: str, n_single: int = 50
 
     Medians over ``n_single`` one-photo requests (cycling through the folder's photos, the same
     photos in every layer) and ``n_batch`` requests of the first ``batch_size`` photos, each
-    layer after ``warmup`` calls, the layers taking turns in ``rounds`` (:func:`time_layers`). The server must run ``model_uri``: its answer to the first
-    photo is compared with the in-process one, so the layers time the same model.
+    layer after ``warmup`` calls, the layers taking turns in ``rounds`` (:func:`time_layers`).
+    The server must run ``model_uri``: its answer to the first photo is compared with the
+    in-process one, so the layers time the same model.
     """
     import json
     import urllib.error
