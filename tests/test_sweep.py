@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from skinml.steps.sweep import TAG_PRUNED, TAG_STUDY, TAG_TRIAL, run_sweep
+from skinml.steps.sweep import TAG_BASELINE, TAG_PRUNED, TAG_STUDY, TAG_TRIAL, baseline_params, run_sweep
 from tests.test_training import tiny
 
 
@@ -71,3 +71,33 @@ def test_pruned_trials_are_marked(mlflow_store, synthetic_dir, monkeypatch):
     assert child.info.status == "KILLED" and child.data.tags[TAG_PRUNED] == "true"
     history = mlflow.MlflowClient().get_metric_history(child.info.run_id, "val_balanced_accuracy")
     assert [m.step for m in history] == [1]  # stopped after the first epoch
+
+
+def test_first_trial_is_the_recipe_itself(mlflow_store, synthetic_dir):
+    import optuna
+
+    storage = f"sqlite:///{mlflow_store / 'optuna.db'}"
+    result = run_sweep(tiny(epochs=1), "s3", 2, data_dir=str(synthetic_dir), seed=0, storage=storage, prune=False,
+                       num_workers=0)
+    study = optuna.load_study(study_name="s3", storage=storage)
+    first, second = study.trials
+    # default_v1's own values, and the cnn_fusion defaults for the options it does not set
+    assert first.params == {"lr_backbone": 1e-4, "lr_head": 1e-3, "questionnaire_dropout": 0.0, "head_dropout": 0.5,
+                            "metadata_dropout": 0.3, "metadata_dim": 64, "head_dim": 256}
+    assert first.user_attrs["baseline"] is True and "baseline" not in second.user_attrs
+    assert second.params != first.params
+    assert result.baseline_value == pytest.approx(first.value)
+    runs = {r.data.tags.get(TAG_TRIAL): r for r in _runs("s3")}
+    assert runs["0"].data.tags[TAG_BASELINE] == "true" and runs["0"].info.run_name == "trial-0-baseline"
+    assert TAG_BASELINE not in runs["1"].data.tags
+    assert float(runs["0"].data.params["recipe.lr_backbone"]) == pytest.approx(1e-4)
+    parent = mlflow.MlflowClient().get_run(result.parent_run_id)
+    assert parent.data.metrics["baseline_val_bacc"] == pytest.approx(first.value)
+
+
+def test_baseline_params_follow_the_recipe_and_its_model():
+    assert baseline_params(tiny(model_options={"head_dim": 512}))["head_dim"] == 512
+    assert baseline_params(tiny(model="image_only")) == {"lr_backbone": 1e-4, "lr_head": 1e-3,
+                                                         "questionnaire_dropout": 0.0, "head_dropout": 0.5}
+    assert baseline_params(tiny(lr_backbone=1e-5)) is None  # the original preset's rate lies below the space
+    assert baseline_params(tiny(model_options={"head_dim": 100})) is None

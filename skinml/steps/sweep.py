@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 TAG_STUDY = "skinml.sweep_study"
 TAG_TRIAL = "skinml.sweep_trial"
 TAG_PRUNED = "skinml.pruned"
+TAG_BASELINE = "skinml.sweep_baseline"
 
 
 @dataclass
@@ -46,31 +47,78 @@ class SweepResult:
     n_complete: int
     n_pruned: int
     n_failed: int
+    baseline_value: float | None = None  # the recipe's own values, trial 0 (None: not run or pruned)
 
 
 def default_storage() -> str:
     return f"sqlite:///{tracking.project_root() / 'optuna.db'}"
 
 
+@dataclass(frozen=True)
+class Param:
+    """One dimension of the search space: a recipe field, or a model option (``option=True``)."""
+
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple | None = None
+    option: bool = False
+    models: tuple[str, ...] | None = None  # None: every model
+
+    def suggest(self, trial) -> Any:
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    def contains(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+
+
+#: What the original design planned to tune, with ranges around the default recipe's values.
+SPACE: tuple[Param, ...] = (
+    Param("lr_backbone", 3e-5, 3e-4, log=True),
+    Param("lr_head", 3e-4, 3e-3, log=True),
+    Param("questionnaire_dropout", 0.0, 0.7),
+    Param("head_dropout", 0.2, 0.6, option=True),
+    Param("metadata_dropout", 0.1, 0.5, option=True, models=("cnn_fusion", "metadata_only")),
+    Param("metadata_dim", choices=(32, 64, 128), option=True, models=("cnn_fusion",)),
+    Param("head_dim", choices=(128, 256, 512), option=True, models=("cnn_fusion",)),
+    Param("num_heads", choices=(4, 8), option=True, models=("spatial_fusion",)),
+    Param("proj_dim", choices=(256, 512), option=True, models=("spatial_fusion",)),
+    Param("attn_dropout", 0.0, 0.3, option=True, models=("spatial_fusion",)),
+)
+
+
+def space_for(model: str) -> tuple[Param, ...]:
+    return tuple(p for p in SPACE if p.models is None or model in p.models)
+
+
 def suggest(trial, model: str) -> dict[str, Any]:
     """One point of the search space, as recipe fields (``model_options`` for the model's own)."""
-    fields: dict[str, Any] = {
-        "lr_backbone": trial.suggest_float("lr_backbone", 3e-5, 3e-4, log=True),
-        "lr_head": trial.suggest_float("lr_head", 3e-4, 3e-3, log=True),
-        "questionnaire_dropout": trial.suggest_float("questionnaire_dropout", 0.0, 0.7),
-    }
-    options: dict[str, Any] = {"head_dropout": trial.suggest_float("head_dropout", 0.2, 0.6)}
-    if model in ("cnn_fusion", "metadata_only"):
-        options["metadata_dropout"] = trial.suggest_float("metadata_dropout", 0.1, 0.5)
-    if model == "cnn_fusion":
-        options["metadata_dim"] = trial.suggest_categorical("metadata_dim", [32, 64, 128])
-        options["head_dim"] = trial.suggest_categorical("head_dim", [128, 256, 512])
-    if model == "spatial_fusion":
-        options["num_heads"] = trial.suggest_categorical("num_heads", [4, 8])
-        options["proj_dim"] = trial.suggest_categorical("proj_dim", [256, 512])
-        options["attn_dropout"] = trial.suggest_float("attn_dropout", 0.0, 0.3)
+    fields: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for param in space_for(model):
+        (options if param.option else fields)[param.name] = param.suggest(trial)
     fields["model_options"] = options
     return fields
+
+
+def baseline_params(base: Recipe) -> dict[str, Any] | None:
+    """The recipe's own values in the search space's terms (model options fall back to the
+    model's defaults), or None when one of them lies outside the space."""
+    from skinml.models.registry import model_options
+
+    defaults = {**model_options(base.model), **base.model_options}
+    params = {p.name: (defaults[p.name] if p.option else getattr(base, p.name)) for p in space_for(base.model)}
+    outside = {name: value for name, value in params.items()
+               if not next(p for p in SPACE if p.name == name).contains(value)}
+    if outside:
+        log.warning("the recipe's own values %s lie outside the sweep's space: no baseline trial", outside)
+        return None
+    return params
 
 
 def _parent_run(study_name: str, experiment: str | None) -> mlflow.ActiveRun:
@@ -99,8 +147,14 @@ def _fail_stale_trials(study, storage) -> int:
 
 def run_sweep(base: Recipe, study_name: str, n_trials: int, split: str | None = None, data_dir: str | None = None,
               seed: int = 42, storage: str | None = None, sampler_seed: int = 0, prune: bool = True,
-              experiment: str | None = None, device: str = "auto", num_workers: int | None = None) -> SweepResult:
-    """Run (or continue) the study until ``n_trials`` trials have completed or been pruned."""
+              experiment: str | None = None, device: str = "auto", num_workers: int | None = None,
+              baseline: bool = True) -> SweepResult:
+    """Run (or continue) the study until ``n_trials`` trials have completed or been pruned.
+
+    With ``baseline`` a new study's first trial is the recipe itself (:func:`baseline_params`),
+    trained under the same budget and seed as the others, so the study shows whether any
+    proposal beat it; the sampler then learns from it like from any other trial.
+    """
     import optuna
     from optuna.trial import TrialState
 
@@ -117,6 +171,10 @@ def run_sweep(base: Recipe, study_name: str, n_trials: int, split: str | None = 
         sampler=optuna.samplers.TPESampler(seed=sampler_seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=3) if prune else optuna.pruners.NopPruner(),
     )
+    if baseline and not study.get_trials(deepcopy=False):
+        params = baseline_params(base)
+        if params is not None:
+            study.enqueue_trial(params, user_attrs={"baseline": True})
     stale = _fail_stale_trials(study, storage_obj)
     if stale:
         log.warning("sweep %s: %d trial(s) left RUNNING by an interrupted process marked FAIL", study_name, stale)
@@ -135,9 +193,11 @@ def run_sweep(base: Recipe, study_name: str, n_trials: int, split: str | None = 
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {epoch}: val_bacc {row['val_balanced_accuracy']:.3f} below the median")
 
-        tags = {TAG_STUDY: study_name, TAG_TRIAL: str(trial.number)}
+        is_baseline = bool(trial.user_attrs.get("baseline"))
+        tags = {TAG_STUDY: study_name, TAG_TRIAL: str(trial.number)} | ({TAG_BASELINE: "true"} if is_baseline else {})
+        name = f"trial-{trial.number}" + ("-baseline" if is_baseline else "")
         try:
-            result = train(recipe, split=split_arg, data_dir=data_dir, seed=seed, run_name=f"trial-{trial.number}",
+            result = train(recipe, split=split_arg, data_dir=data_dir, seed=seed, run_name=name,
                            extra_tags=tags, epoch_callback=report if prune else None, device=device,
                            num_workers=num_workers)
         except optuna.TrialPruned:
@@ -167,8 +227,10 @@ def run_sweep(base: Recipe, study_name: str, n_trials: int, split: str | None = 
         pruned = [t for t in trials if t.state == TrialState.PRUNED]
         failed = [t for t in trials if t.state == TrialState.FAIL]
         best = study.best_trial if complete else None
+        base_trial = next((t for t in complete if t.user_attrs.get("baseline")), None)
         mlflow.log_metrics({"n_complete": len(complete), "n_pruned": len(pruned), "n_failed": len(failed),
-                            **({"best_val_bacc": best.value} if best else {})})
+                            **({"best_val_bacc": best.value} if best else {}),
+                            **({"baseline_val_bacc": base_trial.value} if base_trial else {})})
         if best:
             mlflow.set_tags({"skinml.best_trial": str(best.number),
                              "skinml.best_run_id": best.user_attrs.get("mlflow_run_id", "")})
@@ -177,9 +239,11 @@ def run_sweep(base: Recipe, study_name: str, n_trials: int, split: str | None = 
             table.to_csv(Path(tmp) / "trials.csv", index=False)
             mlflow.log_artifact(str(Path(tmp) / "trials.csv"))
     result = SweepResult(study_name, parent_id, best.value if best else None, dict(best.params) if best else {},
-                         best.user_attrs.get("mlflow_run_id") if best else None, len(complete), len(pruned), len(failed))
+                         best.user_attrs.get("mlflow_run_id") if best else None, len(complete), len(pruned), len(failed),
+                         base_trial.value if base_trial else None)
     print(f"sweep {study_name}: {len(complete)} complete, {len(pruned)} pruned, {len(failed)} failed; "
-          + (f"best trial {best.number} val bacc {best.value:.3f} {best.params}" if best else "no complete trial"))
+          + (f"best trial {best.number} val bacc {best.value:.3f} {best.params}" if best else "no complete trial")
+          + (f"; the recipe itself (trial {base_trial.number}) {base_trial.value:.3f}" if base_trial else ""))
     return result
 
 
