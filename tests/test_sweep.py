@@ -101,3 +101,42 @@ def test_baseline_params_follow_the_recipe_and_its_model():
                                                          "questionnaire_dropout": 0.0, "head_dropout": 0.5}
     assert baseline_params(tiny(lr_backbone=1e-5)) is None  # the original preset's rate lies below the space
     assert baseline_params(tiny(model_options={"head_dim": 100})) is None
+
+
+def test_parallel_workers_share_the_study_and_stop_at_the_target(mlflow_store, synthetic_dir, tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{mlflow_store / 'optuna.db'}"
+    logs = tmp_path / "logs"
+    result = run_sweep(tiny(epochs=1), "s4", 3, data_dir=str(synthetic_dir), seed=0, storage=storage, prune=False,
+                       num_workers=0, parallel=2, logs=logs)
+    study = optuna.load_study(study_name="s4", storage=storage)
+    # the lock makes "count, then ask" one step: three trials in all, not one per worker more
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert (result.n_complete, result.n_failed) == (3, 0)
+    assert study.trials[0].user_attrs["baseline"] is True
+    points = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(points)) == 3  # one sampler seed per worker: no two workers propose the same point
+    children = [r for r in _runs("s4") if r.data.tags.get(TAG_TRIAL) is not None]
+    assert sorted(r.data.tags[TAG_TRIAL] for r in children) == ["0", "1", "2"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {result.parent_run_id}
+    assert {r.info.experiment_id for r in children} == {mlflow.MlflowClient().get_run(result.parent_run_id).info.experiment_id}
+    assert all(r.info.status == "FINISHED" for r in children)
+    for trial in study.trials:
+        child = next(r for r in children if r.data.tags[TAG_TRIAL] == str(trial.number))
+        assert trial.value == pytest.approx(child.data.metrics["best_val_bacc"])
+    parent = mlflow.MlflowClient().get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["skinml.sweep_parallel"] == "2"
+    assert len(mlflow.MlflowClient().get_metric_history(result.parent_run_id, "trial_best_val_bacc")) == 3
+    assert sorted(p.name for p in logs.glob("*.log")) == ["s4-worker-0.log", "s4-worker-1.log"]
+
+
+def test_a_failing_worker_fails_the_sweep_and_names_its_log(mlflow_store, synthetic_dir, tmp_path):
+    storage = f"sqlite:///{mlflow_store / 'optuna.db'}"
+    missing = tmp_path / "no-such-weights.pt"
+    with pytest.raises(RuntimeError, match=r"worker 0 \(exit 1; see .*s6-worker-0\.log\)"):
+        run_sweep(tiny(epochs=1, pretrained=str(missing)), "s6", 2, data_dir=str(synthetic_dir), seed=0,
+                  storage=storage, prune=False, num_workers=0, parallel=2, logs=tmp_path / "logs")
+    assert "no-such-weights.pt" in (tmp_path / "logs" / "s6-worker-0.log").read_text()
+    parent = next(r for r in _runs("s6") if r.data.tags.get("skinml.step") == "sweep")
+    assert parent.info.status == "FAILED"

@@ -174,19 +174,22 @@ def benchmark_train(recipe, extra, data_dir, split_ref, device, num_workers, ste
               help="Median pruner on each epoch's validation balanced accuracy.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="A new study's first trial is the recipe's own values, under the same budget.")
+@click.option("--parallel", default=1, show_default=True, type=click.IntRange(1),
+              help="Trials at a time, in as many worker processes (one GPU shared, or the CPU's cores split).")
+@click.option("--logs", default="outputs/sweep", show_default=True, help="Folder for the workers' output.")
 @device_option
 @click.option("--num-workers", default=None, type=click.IntRange(0), help="DataLoader workers (default: by device).")
 @experiment_option
 @friendly_errors
 def sweep(recipe, extra, data_dir, study_name, n_trials, split_ref, seed, storage, sampler_seed, prune, baseline,
-          device, num_workers, experiment, **overrides):
+          parallel, logs, device, num_workers, experiment, **overrides):
     """Optuna search of the recipe's hyperparameters: one parent run, a child run per trial, resumable."""
     resolved = build_recipe(recipe, extra, **overrides)
     from skinml.steps.sweep import run_sweep
 
     run_sweep(resolved, study_name, n_trials, split=split_ref, data_dir=data_dir, seed=seed, storage=storage,
               sampler_seed=sampler_seed, prune=prune, experiment=experiment, device=device, num_workers=num_workers,
-              baseline=baseline)
+              baseline=baseline, parallel=parallel, logs=logs)
 
 
 @click.command("cv")

@@ -12,19 +12,28 @@ plays no part.
 ``skinml.sweep_study``. Running the same command again continues the same study under the same
 parent until ``N`` trials have finished (completed or pruned); a trial left RUNNING by a killed
 process is marked FAIL (its child run stays as it was left) and does not count.
+
+**Parallel trials.** ``--parallel N`` runs N worker processes on the same study (Optuna's
+storage is the rendezvous; TPE with the constant liar, one sampler seed per worker, so workers
+do not propose the same point). Taking a trial is serialised by a lock file, so the study never
+runs more than ``N`` trials in all. Meant for a GPU that one small-budget training leaves idle;
+on a CPU the workers split the cores (``torch`` threads = cores / N).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from skinml import tracking
 from skinml.training.recipe import Recipe
@@ -148,29 +157,32 @@ def _fail_stale_trials(study, storage) -> int:
 def run_sweep(base: Recipe, study_name: str, n_trials: int, split: str | None = None, data_dir: str | None = None,
               seed: int = 42, storage: str | None = None, sampler_seed: int = 0, prune: bool = True,
               experiment: str | None = None, device: str = "auto", num_workers: int | None = None,
-              baseline: bool = True) -> SweepResult:
+              baseline: bool = True, parallel: int = 1, logs: str | Path = "outputs/sweep") -> SweepResult:
     """Run (or continue) the study until ``n_trials`` trials have completed or been pruned.
 
     With ``baseline`` a new study's first trial is the recipe itself (:func:`baseline_params`),
     trained under the same budget and seed as the others, so the study shows whether any
-    proposal beat it; the sampler then learns from it like from any other trial.
+    proposal beat it; the sampler then learns from it like from any other trial. With
+    ``parallel`` > 1 the trials run in that many worker processes (their output in
+    ``logs/<study>-worker-<i>.log``).
     """
     import optuna
     from optuna.trial import TrialState
 
-    from skinml.steps.train import resolve_split, train
+    from skinml.steps.train import resolve_split
 
     if n_trials < 1:
         raise ValueError(f"n_trials must be at least 1, got {n_trials}")
+    if parallel < 1:
+        raise ValueError(f"parallel must be at least 1, got {parallel}")
     tracking.setup_tracking()
     split_ref = resolve_split(split, data_dir)  # one split for every trial
-    split_arg = split_ref.run_id or split_ref.source
-    storage_obj = optuna.storages.RDBStorage(storage or default_storage())
-    study = optuna.create_study(
-        study_name=study_name, storage=storage_obj, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=sampler_seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=3) if prune else optuna.pruners.NopPruner(),
-    )
+    spec = WorkerSpec(recipe=base.to_dict(), study_name=study_name, n_trials=n_trials,
+                      split=split_ref.run_id or split_ref.source, data_dir=data_dir, seed=seed,
+                      storage=storage or default_storage(), sampler_seed=sampler_seed, prune=prune, device=device,
+                      num_workers=num_workers, constant_liar=parallel > 1)
+    storage_obj = optuna.storages.RDBStorage(spec.storage)
+    study = _load_study(spec, storage_obj, sampler_seed)
     if baseline and not study.get_trials(deepcopy=False):
         params = baseline_params(base)
         if params is not None:
@@ -178,34 +190,6 @@ def run_sweep(base: Recipe, study_name: str, n_trials: int, split: str | None = 
     stale = _fail_stale_trials(study, storage_obj)
     if stale:
         log.warning("sweep %s: %d trial(s) left RUNNING by an interrupted process marked FAIL", study_name, stale)
-
-    def finished() -> list:
-        return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-
-    def objective(trial) -> float:
-        fields = suggest(trial, base.model)
-        options = {**base.model_options, **fields.pop("model_options")}
-        recipe = dataclasses.replace(base, model_options=options, **fields)
-        trial.set_user_attr("recipe_fields", json.dumps({**fields, "model_options": options}, sort_keys=True))
-
-        def report(epoch: int, row: dict[str, float]) -> None:
-            trial.report(row["val_balanced_accuracy"], epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"epoch {epoch}: val_bacc {row['val_balanced_accuracy']:.3f} below the median")
-
-        is_baseline = bool(trial.user_attrs.get("baseline"))
-        tags = {TAG_STUDY: study_name, TAG_TRIAL: str(trial.number)} | ({TAG_BASELINE: "true"} if is_baseline else {})
-        name = f"trial-{trial.number}" + ("-baseline" if is_baseline else "")
-        try:
-            result = train(recipe, split=split_arg, data_dir=data_dir, seed=seed, run_name=name,
-                           extra_tags=tags, epoch_callback=report if prune else None, device=device,
-                           num_workers=num_workers)
-        except optuna.TrialPruned:
-            _mark_pruned(study_name, trial.number)
-            raise
-        trial.set_user_attr("mlflow_run_id", result.run_id)
-        mlflow.log_metric("trial_best_val_bacc", result.best_val_bacc, step=trial.number)
-        return result.best_val_bacc
 
     with _parent_run(study_name, experiment) as parent:
         parent_id = parent.info.run_id
@@ -218,10 +202,12 @@ def run_sweep(base: Recipe, study_name: str, n_trials: int, split: str | None = 
             raise ValueError(f"sweep {study_name} was started with other settings {changed} (logged vs now); "
                              "continue it with the same ones or start a study of another name")
         tracking.log_params({k: v for k, v in params.items() if k not in logged})
-        mlflow.set_tag("skinml.sweep_target_trials", str(n_trials))
-        remaining = n_trials - len(finished())
-        if remaining > 0:
-            study.optimize(objective, n_trials=remaining, catch=())
+        mlflow.set_tags({"skinml.sweep_target_trials": str(n_trials), "skinml.sweep_parallel": str(parallel)})
+        spec = dataclasses.replace(spec, parent_run_id=parent_id, experiment_id=parent.info.experiment_id)
+        if parallel == 1:
+            _optimize(spec, study, lock_path=None)
+        else:
+            _run_workers(spec, parallel, Path(logs))
         trials = study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         pruned = [t for t in trials if t.state == TrialState.PRUNED]
@@ -247,6 +233,159 @@ def run_sweep(base: Recipe, study_name: str, n_trials: int, split: str | None = 
     return result
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything one process needs to take trials of a study (JSON, for worker processes)."""
+
+    recipe: dict[str, Any]
+    study_name: str
+    n_trials: int
+    split: str
+    data_dir: str | None
+    seed: int
+    storage: str
+    sampler_seed: int
+    prune: bool
+    device: str
+    num_workers: int | None
+    constant_liar: bool = False
+    parent_run_id: str = ""
+    experiment_id: str = ""
+
+
+def _load_study(spec: WorkerSpec, storage, sampler_seed: int):
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():  # constant_liar is "experimental" in Optuna 4 (and documented for this use)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=spec.constant_liar)
+    return optuna.create_study(
+        study_name=spec.study_name, storage=storage, direction="maximize", load_if_exists=True, sampler=sampler,
+        pruner=(optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=3) if spec.prune
+                else optuna.pruners.NopPruner()),
+    )
+
+
+@contextlib.contextmanager
+def _locked(path: Path | None) -> Iterator[None]:
+    """An exclusive lock across this machine's worker processes (no-op without a path)."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _optimize(spec: WorkerSpec, study, lock_path: Path | None) -> None:
+    """Take trials until the study has ``n_trials`` finished or running ones (ask and tell)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    while True:
+        with _locked(lock_path):  # counting and asking as one step: no worker overshoots the target
+            if len(study.get_trials(deepcopy=False, states=counted)) >= spec.n_trials:
+                return
+            trial = study.ask()
+        try:
+            value = _objective(spec, study.study_name, trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        else:
+            study.tell(trial, value)
+
+
+def _objective(spec: WorkerSpec, study_name: str, trial) -> float:
+    import optuna
+
+    from skinml.steps.train import train
+
+    base = Recipe.from_dict(spec.recipe)
+    fields = suggest(trial, base.model)
+    options = {**base.model_options, **fields.pop("model_options")}
+    recipe = dataclasses.replace(base, model_options=options, **fields)
+    trial.set_user_attr("recipe_fields", json.dumps({**fields, "model_options": options}, sort_keys=True))
+
+    def report(epoch: int, row: dict[str, float]) -> None:
+        trial.report(row["val_balanced_accuracy"], epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"epoch {epoch}: val_bacc {row['val_balanced_accuracy']:.3f} below the median")
+
+    is_baseline = bool(trial.user_attrs.get("baseline"))
+    tags = {TAG_STUDY: study_name, TAG_TRIAL: str(trial.number)} | ({TAG_BASELINE: "true"} if is_baseline else {})
+    experiment = None
+    if mlflow.active_run() is None:  # a worker process: the trial joins the parent run by its tag
+        tags[MLFLOW_PARENT_RUN_ID] = spec.parent_run_id
+        experiment = mlflow.MlflowClient().get_experiment(spec.experiment_id).name
+    name = f"trial-{trial.number}" + ("-baseline" if is_baseline else "")
+    try:
+        result = train(recipe, split=spec.split, data_dir=spec.data_dir, seed=spec.seed, run_name=name,
+                       extra_tags=tags, epoch_callback=report if spec.prune else None, device=spec.device,
+                       num_workers=spec.num_workers, experiment=experiment)
+    except optuna.TrialPruned:
+        _mark_pruned(study_name, trial.number)
+        raise
+    trial.set_user_attr("mlflow_run_id", result.run_id)
+    mlflow.MlflowClient().log_metric(spec.parent_run_id, "trial_best_val_bacc", result.best_val_bacc,
+                                     step=trial.number)
+    return result.best_val_bacc
+
+
+def _run_workers(spec: WorkerSpec, parallel: int, logs: Path) -> None:
+    """``parallel`` processes of :func:`worker_main` on the same study; raises if one failed."""
+    import os
+    import subprocess
+    import sys
+
+    logs.mkdir(parents=True, exist_ok=True)
+    lock = logs / f"{spec.study_name}.lock"
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    procs = []
+    for index in range(parallel):
+        worker = dataclasses.replace(spec, sampler_seed=spec.sampler_seed + index)
+        spec_file = logs / f"{spec.study_name}-worker-{index}.json"
+        spec_file.write_text(json.dumps(dataclasses.asdict(worker)))
+        log_file = logs / f"{spec.study_name}-worker-{index}.log"
+        env = {**os.environ, "SKINML_SWEEP_THREADS": str(threads)}
+        env.pop("MLFLOW_RUN_ID", None)  # the workers' runs are trials, not the run `mlflow run` made
+        with open(log_file, "a") as out:
+            procs.append((index, log_file, subprocess.Popen(
+                [sys.executable, "-m", "skinml.steps.sweep", str(spec_file), str(lock)],
+                stdout=out, stderr=subprocess.STDOUT, env=env)))
+    log.info("sweep %s: %d workers, logs in %s", spec.study_name, parallel, logs)
+    failed = [(index, log_file, proc.wait()) for index, log_file, proc in procs]
+    failed = [f"worker {index} (exit {code}; see {log_file})" for index, log_file, code in failed if code != 0]
+    if failed:
+        raise RuntimeError(f"sweep {spec.study_name}: {', '.join(failed)}")
+
+
+def worker_main(spec_file: str, lock_file: str) -> None:
+    """One worker process: load the study and take trials until the target is reached."""
+    import os
+
+    import optuna
+    import torch
+
+    threads = os.environ.get("SKINML_SWEEP_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    spec = WorkerSpec(**json.loads(Path(spec_file).read_text()))
+    tracking.setup_tracking()
+    study = _load_study(spec, optuna.storages.RDBStorage(spec.storage), spec.sampler_seed)
+    _optimize(spec, study, Path(lock_file))
+
+
 def _mark_pruned(study_name: str, number: int) -> None:
     """The pruned trial's child run ended FAILED by its context manager: say why, and mark it KILLED."""
     client = mlflow.MlflowClient()
@@ -254,3 +393,10 @@ def _mark_pruned(study_name: str, number: int) -> None:
     for run in client.search_runs(experiments, f"tags.`{TAG_STUDY}` = '{study_name}' and tags.`{TAG_TRIAL}` = '{number}'"):
         client.set_tag(run.info.run_id, TAG_PRUNED, "true")
         client.set_terminated(run.info.run_id, status="KILLED")
+
+
+if __name__ == "__main__":
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    worker_main(*sys.argv[1:3])
