@@ -178,3 +178,43 @@ def test_benchmark_train_reports_both_rates_and_logs_them(mlflow_store, syntheti
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
                               filter_string=f"tags.`{tracking.TAG_STEP}` = 'benchmark'")
     assert len(runs) == 1 and runs[0].data.metrics["end_to_end_ratio"] == pytest.approx(report["ratio"])
+
+
+def test_concurrent_training_jobs_start_together_and_add_up(mlflow_store, synthetic_dir):
+    import re
+
+    from click.testing import CliRunner
+
+    from skinml.cli import cli
+
+    args = ["benchmark-train", "--model", "cnn_fusion", "--backbone", "test_efficientnet", "--pretrained", "none",
+            "--image-size", "32", "--set", "augment_resize=36", "--batch-size", "16", "--data-dir", str(synthetic_dir),
+            "--num-workers", "0", "--steps", "2", "--device", "cpu"]
+    result = CliRunner().invoke(cli, [*args, "--jobs", "1,2"])
+    assert result.exit_code == 0, result.output
+    lines = re.findall(r"^(\d) job\(s\): total ([\d.]+) images/s over ([\d.]+) s \(per job ([\d., ]+);.*"
+                       r"starts within ([\d.]+) s\)", result.output, re.M)
+    assert [line[0] for line in lines] == ["1", "2"]
+    assert len(lines[1][3].split(",")) == 2  # two jobs reported
+    assert float(lines[1][4]) < 2.0  # the barrier lines their epochs up (each takes seconds to set up)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`{tracking.TAG_STEP}` = 'benchmark'")
+    assert len(runs) == 1
+    metrics = runs[0].data.metrics
+    assert metrics["jobs_1_total_images_per_second"] == pytest.approx(float(lines[0][1]), abs=0.051)
+    assert metrics["jobs_2_total_images_per_second"] == pytest.approx(float(lines[1][1]), abs=0.051)
+    bad = CliRunner().invoke(cli, [*args, "--jobs", "1,0"])
+    assert bad.exit_code != 0 and "--jobs" in bad.output and "'1,0'" in bad.output
+
+
+def test_concurrent_total_is_all_images_over_the_shared_window(tmp_path):
+    from skinml.benchmarks.train import ConcurrentBenchmark, TrainBenchmark, file_barrier
+
+    def job(start, end, images):
+        return TrainBenchmark("cpu", 16, 32, "batch", 0, 100.0, images / (end - start), 2, images, start, end)
+
+    both = ConcurrentBenchmark(2, [job(0.0, 10.0, 100), job(1.0, 11.0, 100)])
+    assert both.window_seconds == 11.0 and both.total_images_per_second == pytest.approx(200 / 11)
+    assert both.start_spread_seconds == 1.0
+    with pytest.raises(TimeoutError, match="only 1 of 2 jobs reached the barrier"):
+        file_barrier(tmp_path, 2, "0", timeout=0.1)()

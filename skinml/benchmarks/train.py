@@ -9,12 +9,25 @@ In one process and on one device, with the recipe's model, batch size and precis
 
 Their ratio says whether training is model-bound (close to 1) or data-bound. Used by
 ``skinml benchmark-train``, which also logs the figures to MLflow.
+
+**Concurrent jobs** (``--jobs 1,2,4``): N processes, each the same benchmark, start their
+end-to-end epochs together (a file barrier, after their setup and model-bound steps) and the
+total rate is all their images over the window from the first start to the last end: how well N
+trainings (the sweep's or the study's ``--parallel``) share one device. On a CPU each job gets
+cores / N threads.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -37,6 +50,8 @@ class TrainBenchmark:
     end_to_end_images_per_second: float
     model_bound_steps: int
     end_to_end_images: int
+    started_at: float = 0.0  # wall clock (time.time()) around the end-to-end epoch
+    ended_at: float = 0.0
 
     @property
     def ratio(self) -> float:
@@ -81,8 +96,10 @@ def model_bound_rate(model, recipe: Recipe, n_features: int, device: torch.devic
 
 
 def benchmark_training(recipe: Recipe, manifest, data_dir: str | None, device: str = "auto", seed: int = 42,
-                       num_workers: int | None = None, steps: int = 10) -> TrainBenchmark:
-    """Both rates for ``recipe`` on a split (``manifest``), one epoch end to end."""
+                       num_workers: int | None = None, steps: int = 10,
+                       barrier: Callable[[], None] | None = None) -> TrainBenchmark:
+    """Both rates for ``recipe`` on a split (``manifest``), one epoch end to end (``barrier`` is
+    called just before it)."""
     dev = pick_device(device)
     seed_everything(seed)
     data = prepare_data(recipe, manifest, data_dir)
@@ -97,10 +114,98 @@ def benchmark_training(recipe: Recipe, manifest, data_dir: str | None, device: s
     criterion = build_criterion(recipe, loaders, dev)
     loaders.set_epoch(1)
     _synchronize(dev)
+    if barrier is not None:
+        barrier()
+    started = time.time()
     row = train_one_epoch(model, loaders.train, criterion, optimizer, dev, recipe.grad_clip, desc="benchmark",
                           batch_transform=loaders.augment if loaders.batch_augment is not None else None,
                           metadata_transform=loaders.mask_metadata if loaders.field_dropout is not None else None)
     _synchronize(dev)
+    ended = time.time()
     seen = len(loaders.train) * recipe.batch_size
     return TrainBenchmark(str(dev), recipe.batch_size, recipe.image_size, recipe.augment_device, loaders.num_workers,
-                          bound, row["images_per_second"], steps, seen)
+                          bound, row["images_per_second"], steps, seen, started, ended)
+
+
+@dataclass
+class ConcurrentBenchmark:
+    jobs: int
+    results: list[TrainBenchmark] = field(default_factory=list)
+
+    @property
+    def window_seconds(self) -> float:
+        return max(r.ended_at for r in self.results) - min(r.started_at for r in self.results)
+
+    @property
+    def total_images_per_second(self) -> float:
+        return sum(r.end_to_end_images for r in self.results) / self.window_seconds
+
+    @property
+    def start_spread_seconds(self) -> float:
+        """How far apart the jobs' end-to-end epochs started (the barrier keeps it small)."""
+        return max(r.started_at for r in self.results) - min(r.started_at for r in self.results)
+
+
+def file_barrier(folder: Path, parties: int, name: str, timeout: float = 600.0) -> Callable[[], None]:
+    """Wait until ``parties`` processes have arrived in ``folder``."""
+
+    def wait() -> None:
+        (folder / f"ready-{name}").touch()
+        deadline = time.monotonic() + timeout
+        while len(list(folder.glob("ready-*"))) < parties:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(list(folder.glob('ready-*')))} of {parties} jobs reached the barrier "
+                                   f"in {folder} within {timeout:.0f} s")
+            time.sleep(0.02)
+
+    return wait
+
+
+def concurrent_benchmark(recipe: Recipe, manifest, data_dir: str | None, jobs: int, device: str = "auto",
+                         seed: int = 42, num_workers: int | None = None, steps: int = 10,
+                         logs: Path | None = None) -> ConcurrentBenchmark:
+    """``jobs`` processes of :func:`benchmark_training` whose end-to-end epochs run together."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        manifest.to_pickle(folder / "manifest.pkl")  # exactly the split's rows and dtypes
+        procs = []
+        for index in range(jobs):
+            spec = {"recipe": recipe.to_dict(), "manifest": str(folder / "manifest.pkl"), "data_dir": data_dir, "device": device,
+                    "seed": seed, "num_workers": num_workers, "steps": steps, "barrier": str(folder),
+                    "parties": jobs, "name": str(index), "out": str(folder / f"result-{index}.json"),
+                    "threads": threads}
+            spec_file = folder / f"spec-{index}.json"
+            spec_file.write_text(json.dumps(spec))
+            log_file = (logs or folder) / f"jobs{jobs}-{index}.log"
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_file, "w") as out:
+                procs.append((index, log_file, subprocess.Popen(
+                    [sys.executable, "-m", "skinml.benchmarks.train", str(spec_file)], stdout=out,
+                    stderr=subprocess.STDOUT)))
+        codes = [(index, log_file, proc.wait()) for index, log_file, proc in procs]
+        bad = [(index, log_file, code) for index, log_file, code in codes if code != 0]
+        if bad:
+            index, log_file, code = bad[0]
+            tail = log_file.read_text()[-2000:]
+            raise RuntimeError(f"benchmark job {index} of {jobs} failed (exit {code}):\n{tail}")
+        results = [TrainBenchmark(**json.loads((folder / f"result-{i}.json").read_text())) for i in range(jobs)]
+    return ConcurrentBenchmark(jobs, results)
+
+
+def _job_main(spec_file: str) -> None:
+    """One job of :func:`concurrent_benchmark` (a process of its own)."""
+    import pandas as pd
+
+    spec = json.loads(Path(spec_file).read_text())
+    torch.set_num_threads(spec["threads"])
+    recipe = Recipe.from_dict(spec["recipe"])
+    manifest = pd.read_pickle(spec["manifest"])
+    result = benchmark_training(recipe, manifest, spec["data_dir"], device=spec["device"], seed=spec["seed"],
+                                num_workers=spec["num_workers"], steps=spec["steps"],
+                                barrier=file_barrier(Path(spec["barrier"]), spec["parties"], spec["name"]))
+    Path(spec["out"]).write_text(json.dumps(asdict(result)))
+
+
+if __name__ == "__main__":
+    _job_main(sys.argv[1])

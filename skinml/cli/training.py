@@ -129,16 +129,22 @@ def list_models(num_metadata_features):
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(1), help="Timed model-bound steps.")
 @click.option("--seed", default=42, show_default=True, type=int)
 @click.option("--log/--no-log", default=True, show_default=True, help="Log the figures as an MLflow run.")
+@click.option("--jobs", default=None, callback=empty_to_none, metavar="N[,N...]",
+              help="Instead: N concurrent processes of the benchmark for each N (e.g. 1,2,4); their total images/s.")
 @friendly_errors
-def benchmark_train(recipe, extra, data_dir, split_ref, device, num_workers, steps, seed, log, **overrides):
-    """Model-bound vs end-to-end training images/s for a recipe, in one process."""
+def benchmark_train(recipe, extra, data_dir, split_ref, device, num_workers, steps, seed, log, jobs, **overrides):
+    """Model-bound vs end-to-end training images/s for a recipe, in one process (or N at once: --jobs)."""
     import json
 
     resolved = build_recipe(recipe, extra, **overrides)
     from skinml.benchmarks.train import benchmark_training
     from skinml.steps.train import resolve_split
 
+    job_counts = _job_counts(jobs) if jobs else None
     split = resolve_split(split_ref, data_dir)
+    if job_counts:
+        _benchmark_jobs(resolved, split.manifest, data_dir, job_counts, device, seed, num_workers, steps, log)
+        return
     result = benchmark_training(resolved, split.manifest, data_dir, device=device, seed=seed,
                                 num_workers=num_workers, steps=steps)
     click.echo(json.dumps(result.to_dict(), indent=2))
@@ -155,6 +161,45 @@ def benchmark_train(recipe, extra, data_dir, split_ref, device, num_workers, ste
             mlflow.log_metrics({"model_bound_images_per_second": result.model_bound_images_per_second,
                                 "end_to_end_images_per_second": result.end_to_end_images_per_second,
                                 "end_to_end_ratio": result.ratio})
+            click.echo(f"logged to run {run.info.run_id}")
+
+
+def _job_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"expects comma-separated positive integers, got {text!r}", param_hint="--jobs")
+    return counts
+
+
+def _benchmark_jobs(recipe, manifest, data_dir, job_counts, device, seed, num_workers, steps, log) -> None:
+    from skinml.benchmarks.train import concurrent_benchmark
+
+    rows = []
+    for count in job_counts:
+        result = concurrent_benchmark(recipe, manifest, data_dir, count, device=device, seed=seed,
+                                      num_workers=num_workers, steps=steps)
+        rows.append(result)
+        per_job = ", ".join(f"{r.end_to_end_images_per_second:.1f}" for r in result.results)
+        click.echo(f"{count} job(s): total {result.total_images_per_second:.1f} images/s over {result.window_seconds:.1f} s "
+                   f"(per job {per_job}; model-bound alone {result.results[0].model_bound_images_per_second:.1f}; "
+                   f"starts within {result.start_spread_seconds:.2f} s) on {result.results[0].device}")
+    single = next((r for r in rows if r.jobs == 1), None)
+    if single:
+        for row in rows:
+            click.echo(f"{row.jobs} job(s): {row.total_images_per_second / single.total_images_per_second:.2f}x "
+                       "the total of one job")
+    if log:
+        import mlflow
+
+        from skinml import tracking
+
+        with tracking.start_run("benchmark", run_name=f"benchmark-train-jobs-{recipe.model}") as run:
+            tracking.log_params({f"recipe.{k}": v for k, v in recipe.flat().items()}
+                                | {"device": rows[0].results[0].device, "jobs": ",".join(map(str, job_counts))})
+            mlflow.log_metrics({f"jobs_{row.jobs}_total_images_per_second": row.total_images_per_second for row in rows})
             click.echo(f"logged to run {run.info.run_id}")
 
 
