@@ -15,8 +15,9 @@ process is marked FAIL (its child run stays as it was left) and does not count.
 
 **Parallel trials.** ``--parallel N`` runs N worker processes on the same study (Optuna's
 storage is the rendezvous; TPE with the constant liar, one sampler seed per worker, so workers
-do not propose the same point). Taking a trial is serialised by a lock file, so the study never
-runs more than ``N`` trials in all. Meant for a GPU that one small-budget training leaves idle;
+do not propose the same point). Counting the trials and taking one is serialised by a lock
+file, so the workers together never take more trials than ``--trials``. One launcher per study
+at a time: a new launcher marks the RUNNING trials it finds as FAIL. Meant for a GPU that one small-budget training leaves idle;
 on a CPU the workers split the cores (``torch`` threads = cores / N).
 """
 
