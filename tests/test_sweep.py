@@ -140,3 +140,19 @@ def test_a_failing_worker_fails_the_sweep_and_names_its_log(mlflow_store, synthe
     assert "no-such-weights.pt" in (tmp_path / "logs" / "s6-worker-0.log").read_text()
     parent = next(r for r in _runs("s6") if r.data.tags.get("skinml.step") == "sweep")
     assert parent.info.status == "FAILED"
+
+
+def test_a_resumed_study_does_not_propose_its_earlier_points_again(mlflow_store, synthetic_dir):
+    import optuna
+
+    from skinml.steps.sweep import sampler_seed_for
+
+    storage = f"sqlite:///{mlflow_store / 'optuna.db'}"
+    kwargs = dict(data_dir=str(synthetic_dir), seed=0, storage=storage, prune=False, num_workers=0)
+    run_sweep(tiny(epochs=1), "s7", 2, **kwargs)  # the baseline, then TPE's first random point
+    run_sweep(tiny(epochs=1), "s7", 3, **kwargs)  # a new process: must not draw that point again
+    baseline, first, resumed = optuna.load_study(study_name="s7", storage=storage).trials
+    assert resumed.params != first.params
+    # the seed is a function of (sampler seed, worker, trials so far): reproducible, and distinct
+    assert sampler_seed_for(0, 0, 2) == sampler_seed_for(0, 0, 2)
+    assert len({sampler_seed_for(0, w, n) for w in range(4) for n in range(50)}) == 200

@@ -14,7 +14,7 @@ parent until ``N`` trials have finished (completed or pruned); a trial left RUNN
 process is marked FAIL (its child run stays as it was left) and does not count.
 
 **Parallel trials.** ``--parallel N`` runs N worker processes on the same study (Optuna's
-storage is the rendezvous; TPE with the constant liar, one sampler seed per worker, so workers
+storage is the rendezvous; TPE with the constant liar, a sampler seed per worker, so workers
 do not propose the same point). Counting the trials and taking one is serialised by a lock
 file, so the workers together never take more trials than ``--trials``. One launcher per study
 at a time: a new launcher marks the RUNNING trials it finds as FAIL. Meant for a GPU that one small-budget training leaves idle;
@@ -183,7 +183,7 @@ def run_sweep(base: Recipe, study_name: str, n_trials: int, split: str | None = 
                       storage=storage or default_storage(), sampler_seed=sampler_seed, prune=prune, device=device,
                       num_workers=num_workers, constant_liar=parallel > 1)
     storage_obj = optuna.storages.RDBStorage(spec.storage)
-    study = _load_study(spec, storage_obj, sampler_seed)
+    study = _load_study(spec, storage_obj)
     if baseline and not study.get_trials(deepcopy=False):
         params = baseline_params(base)
         if params is not None:
@@ -250,23 +250,35 @@ class WorkerSpec:
     device: str
     num_workers: int | None
     constant_liar: bool = False
+    worker_index: int = 0
     parent_run_id: str = ""
     experiment_id: str = ""
 
 
-def _load_study(spec: WorkerSpec, storage, sampler_seed: int):
+def sampler_seed_for(sampler_seed: int, worker: int, n_existing: int) -> int:
+    """The TPE seed of one process: the user's seed, this worker, and how many trials the study
+    already holds. A resumed study must not reuse the seed of the process before it: TPE's first
+    points are random draws, and the same seed would propose the points already tried."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([sampler_seed, worker, n_existing]).generate_state(1)[0])
+
+
+def _load_study(spec: WorkerSpec, storage):
     import warnings
 
     import optuna
 
-    with warnings.catch_warnings():  # constant_liar is "experimental" in Optuna 4 (and documented for this use)
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=spec.constant_liar)
-    return optuna.create_study(
-        study_name=spec.study_name, storage=storage, direction="maximize", load_if_exists=True, sampler=sampler,
+    study = optuna.create_study(
+        study_name=spec.study_name, storage=storage, direction="maximize", load_if_exists=True,
         pruner=(optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=3) if spec.prune
                 else optuna.pruners.NopPruner()),
     )
+    seed = sampler_seed_for(spec.sampler_seed, spec.worker_index, len(study.get_trials(deepcopy=False)))
+    with warnings.catch_warnings():  # constant_liar is "experimental" in Optuna 4 (and documented for this use)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=spec.constant_liar)
+    return study
 
 
 @contextlib.contextmanager
@@ -354,7 +366,7 @@ def _run_workers(spec: WorkerSpec, parallel: int, logs: Path) -> None:
     threads = max(1, (os.cpu_count() or 1) // parallel)
     procs = []
     for index in range(parallel):
-        worker = dataclasses.replace(spec, sampler_seed=spec.sampler_seed + index)
+        worker = dataclasses.replace(spec, worker_index=index)
         spec_file = logs / f"{spec.study_name}-worker-{index}.json"
         spec_file.write_text(json.dumps(dataclasses.asdict(worker)))
         log_file = logs / f"{spec.study_name}-worker-{index}.log"
@@ -383,7 +395,7 @@ def worker_main(spec_file: str, lock_file: str) -> None:
         torch.set_num_threads(int(threads))
     spec = WorkerSpec(**json.loads(Path(spec_file).read_text()))
     tracking.setup_tracking()
-    study = _load_study(spec, optuna.storages.RDBStorage(spec.storage), spec.sampler_seed)
+    study = _load_study(spec, optuna.storages.RDBStorage(spec.storage))
     _optimize(spec, study, Path(lock_file))
 
 
