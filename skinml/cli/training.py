@@ -184,7 +184,7 @@ def _benchmark_jobs(recipe, manifest, data_dir, job_counts, device, seed, num_wo
         rows.append(result)
         per_job = ", ".join(f"{r.end_to_end_images_per_second:.1f}" for r in result.results)
         click.echo(f"{count} job(s): total {result.total_images_per_second:.1f} images/s over {result.window_seconds:.1f} s "
-                   f"(per job {per_job}; model-bound alone {result.results[0].model_bound_images_per_second:.1f}; "
+                   f"(per job {per_job}; job 0's model-bound rate {result.results[0].model_bound_images_per_second:.1f}; "
                    f"starts within {result.start_spread_seconds:.2f} s) on {result.results[0].device}")
     single = next((r for r in rows if r.jobs == 1), None)
     if single:
