@@ -218,3 +218,17 @@ def test_concurrent_total_is_all_images_over_the_shared_window(tmp_path):
     assert both.start_spread_seconds == 1.0
     with pytest.raises(TimeoutError, match="only 1 of 2 jobs reached the barrier"):
         file_barrier(tmp_path, 2, "0", timeout=0.1)()
+    (tmp_path / "failed-1").touch()  # job 1 died before it arrived: no point waiting out the timeout
+    with pytest.raises(RuntimeError, match=r"job\(s\) 1 failed before the barrier"):
+        file_barrier(tmp_path, 3, "2", timeout=60)()
+
+
+def test_a_failing_concurrent_job_is_reported_with_its_output(mlflow_store, synthetic_dir, tmp_path):
+    from skinml.benchmarks.train import concurrent_benchmark
+    from skinml.steps.split import run_split
+    from tests.test_training import tiny
+
+    split = run_split(str(synthetic_dir))
+    recipe = tiny(pretrained=str(tmp_path / "no-such-weights.pt"))
+    with pytest.raises(RuntimeError, match=r"(?s)benchmark job 0 of 2 failed \(exit 1\).*no-such-weights\.pt"):
+        concurrent_benchmark(recipe, split.manifest, str(synthetic_dir), 2, device="cpu", num_workers=0, steps=1)

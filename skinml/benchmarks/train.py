@@ -147,12 +147,16 @@ class ConcurrentBenchmark:
 
 
 def file_barrier(folder: Path, parties: int, name: str, timeout: float = 600.0) -> Callable[[], None]:
-    """Wait until ``parties`` processes have arrived in ``folder``."""
+    """Wait until ``parties`` processes have arrived in ``folder`` (or one of them has failed:
+    it leaves ``failed-<name>`` there, and waiting for it would be in vain)."""
 
     def wait() -> None:
         (folder / f"ready-{name}").touch()
         deadline = time.monotonic() + timeout
         while len(list(folder.glob("ready-*"))) < parties:
+            failed = sorted(f.name[len("failed-"):] for f in folder.glob("failed-*"))
+            if failed:
+                raise RuntimeError(f"benchmark job(s) {', '.join(failed)} failed before the barrier")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(list(folder.glob('ready-*')))} of {parties} jobs reached the barrier "
                                    f"in {folder} within {timeout:.0f} s")
@@ -201,9 +205,13 @@ def _job_main(spec_file: str) -> None:
     torch.set_num_threads(spec["threads"])
     recipe = Recipe.from_dict(spec["recipe"])
     manifest = pd.read_pickle(spec["manifest"])
-    result = benchmark_training(recipe, manifest, spec["data_dir"], device=spec["device"], seed=spec["seed"],
-                                num_workers=spec["num_workers"], steps=spec["steps"],
-                                barrier=file_barrier(Path(spec["barrier"]), spec["parties"], spec["name"]))
+    try:
+        result = benchmark_training(recipe, manifest, spec["data_dir"], device=spec["device"], seed=spec["seed"],
+                                    num_workers=spec["num_workers"], steps=spec["steps"],
+                                    barrier=file_barrier(Path(spec["barrier"]), spec["parties"], spec["name"]))
+    except BaseException:
+        (Path(spec["barrier"]) / f"failed-{spec['name']}").touch()  # the others stop waiting for this job
+        raise
     Path(spec["out"]).write_text(json.dumps(asdict(result)))
 
 
