@@ -20,8 +20,6 @@ cores / N threads.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +33,7 @@ from skinml.inference import autocast, pick_device
 from skinml.training.fit import build_optimizer
 from skinml.training.loop import train_one_epoch
 from skinml.training.prepare import build_criterion, build_loaders, build_model, prepare_data
+from skinml.training.processes import run_module_processes, threads_per_process
 from skinml.training.recipe import Recipe
 from skinml.training.state import seed_everything
 
@@ -166,33 +165,21 @@ def file_barrier(folder: Path, parties: int, name: str, timeout: float = 600.0) 
 
 
 def concurrent_benchmark(recipe: Recipe, manifest, data_dir: str | None, jobs: int, device: str = "auto",
-                         seed: int = 42, num_workers: int | None = None, steps: int = 10,
-                         logs: Path | None = None) -> ConcurrentBenchmark:
+                         seed: int = 42, num_workers: int | None = None, steps: int = 10) -> ConcurrentBenchmark:
     """``jobs`` processes of :func:`benchmark_training` whose end-to-end epochs run together."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         manifest.to_pickle(folder / "manifest.pkl")  # exactly the split's rows and dtypes
-        procs = []
-        for index in range(jobs):
-            spec = {"recipe": recipe.to_dict(), "manifest": str(folder / "manifest.pkl"), "data_dir": data_dir, "device": device,
-                    "seed": seed, "num_workers": num_workers, "steps": steps, "barrier": str(folder),
-                    "parties": jobs, "name": str(index), "out": str(folder / f"result-{index}.json"),
-                    "threads": threads}
-            spec_file = folder / f"spec-{index}.json"
-            spec_file.write_text(json.dumps(spec))
-            log_file = (logs or folder) / f"jobs{jobs}-{index}.log"
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_file, "w") as out:
-                procs.append((index, log_file, subprocess.Popen(
-                    [sys.executable, "-m", "skinml.benchmarks.train", str(spec_file)], stdout=out,
-                    stderr=subprocess.STDOUT)))
-        codes = [(index, log_file, proc.wait()) for index, log_file, proc in procs]
-        bad = [(index, log_file, code) for index, log_file, code in codes if code != 0]
-        if bad:
-            index, log_file, code = bad[0]
-            tail = log_file.read_text()[-2000:]
-            raise RuntimeError(f"benchmark job {index} of {jobs} failed (exit {code}):\n{tail}")
+        specs = [{"recipe": recipe.to_dict(), "manifest": str(folder / "manifest.pkl"), "data_dir": data_dir,
+                  "device": device, "seed": seed, "num_workers": num_workers, "steps": steps,
+                  "barrier": str(folder), "parties": jobs, "name": str(index),
+                  "out": str(folder / f"result-{index}.json"), "threads": threads_per_process(jobs)}
+                 for index in range(jobs)]
+        exits = run_module_processes("skinml.benchmarks.train", specs, folder, f"jobs{jobs}")
+        for index, (log_file, code) in enumerate(exits):
+            if code:
+                raise RuntimeError(f"benchmark job {index} of {jobs} failed (exit {code}):\n"
+                                   f"{log_file.read_text()[-2000:]}")
         results = [TrainBenchmark(**json.loads((folder / f"result-{i}.json").read_text())) for i in range(jobs)]
     return ConcurrentBenchmark(jobs, results)
 

@@ -122,9 +122,9 @@ def baseline_params(base: Recipe) -> dict[str, Any] | None:
     from skinml.models.registry import model_options
 
     defaults = {**model_options(base.model), **base.model_options}
-    params = {p.name: (defaults[p.name] if p.option else getattr(base, p.name)) for p in space_for(base.model)}
-    outside = {name: value for name, value in params.items()
-               if not next(p for p in SPACE if p.name == name).contains(value)}
+    space = space_for(base.model)
+    params = {p.name: (defaults[p.name] if p.option else getattr(base, p.name)) for p in space}
+    outside = {p.name: params[p.name] for p in space if not p.contains(params[p.name])}
     if outside:
         log.warning("the recipe's own values %s lie outside the sweep's space: no baseline trial", outside)
         return None
@@ -253,6 +253,8 @@ class WorkerSpec:
     worker_index: int = 0
     parent_run_id: str = ""
     experiment_id: str = ""
+    lock_file: str = ""  # worker processes: the lock that serialises taking a trial
+    threads: int = 0  # worker processes: torch threads (0: torch's default)
 
 
 def sampler_seed_for(sampler_seed: int, worker: int, n_existing: int) -> int:
@@ -336,11 +338,11 @@ def _objective(spec: WorkerSpec, study_name: str, trial) -> float:
             raise optuna.TrialPruned(f"epoch {epoch}: val_bacc {row['val_balanced_accuracy']:.3f} below the median")
 
     is_baseline = bool(trial.user_attrs.get("baseline"))
-    tags = {TAG_STUDY: study_name, TAG_TRIAL: str(trial.number)} | ({TAG_BASELINE: "true"} if is_baseline else {})
-    experiment = None
-    if mlflow.active_run() is None:  # a worker process: the trial joins the parent run by its tag
-        tags[MLFLOW_PARENT_RUN_ID] = spec.parent_run_id
-        experiment = mlflow.MlflowClient().get_experiment(spec.experiment_id).name
+    # The parent's tag and experiment: a worker process has no active parent run to nest under.
+    tags = {TAG_STUDY: study_name, TAG_TRIAL: str(trial.number), MLFLOW_PARENT_RUN_ID: spec.parent_run_id}
+    if is_baseline:
+        tags[TAG_BASELINE] = "true"
+    experiment = mlflow.MlflowClient().get_experiment(spec.experiment_id).name
     name = f"trial-{trial.number}" + ("-baseline" if is_baseline else "")
     try:
         result = train(recipe, split=spec.split, data_dir=spec.data_dir, seed=spec.seed, run_name=name,
@@ -357,46 +359,29 @@ def _objective(spec: WorkerSpec, study_name: str, trial) -> float:
 
 def _run_workers(spec: WorkerSpec, parallel: int, logs: Path) -> None:
     """``parallel`` processes of :func:`worker_main` on the same study; raises if one failed."""
-    import os
-    import subprocess
-    import sys
+    from skinml.training.processes import run_module_processes, threads_per_process
 
-    logs.mkdir(parents=True, exist_ok=True)
-    lock = logs / f"{spec.study_name}.lock"
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    procs = []
-    for index in range(parallel):
-        worker = dataclasses.replace(spec, worker_index=index)
-        spec_file = logs / f"{spec.study_name}-worker-{index}.json"
-        spec_file.write_text(json.dumps(dataclasses.asdict(worker)))
-        log_file = logs / f"{spec.study_name}-worker-{index}.log"
-        env = {**os.environ, "SKINML_SWEEP_THREADS": str(threads)}
-        env.pop("MLFLOW_RUN_ID", None)  # the workers' runs are trials, not the run `mlflow run` made
-        with open(log_file, "a") as out:
-            procs.append((index, log_file, subprocess.Popen(
-                [sys.executable, "-m", "skinml.steps.sweep", str(spec_file), str(lock)],
-                stdout=out, stderr=subprocess.STDOUT, env=env)))
+    shared = dataclasses.replace(spec, lock_file=str(logs / f"{spec.study_name}.lock"),
+                                 threads=threads_per_process(parallel))
+    specs = [dataclasses.asdict(dataclasses.replace(shared, worker_index=index)) for index in range(parallel)]
     log.info("sweep %s: %d workers, logs in %s", spec.study_name, parallel, logs)
-    failed = [(index, log_file, proc.wait()) for index, log_file, proc in procs]
-    failed = [f"worker {index} (exit {code}; see {log_file})" for index, log_file, code in failed if code != 0]
+    exits = run_module_processes("skinml.steps.sweep", specs, logs, f"{spec.study_name}-worker")
+    failed = [f"worker {index} (exit {code}; see {log_file})" for index, (log_file, code) in enumerate(exits) if code]
     if failed:
         raise RuntimeError(f"sweep {spec.study_name}: {', '.join(failed)}")
 
 
-def worker_main(spec_file: str, lock_file: str) -> None:
+def worker_main(spec_file: str) -> None:
     """One worker process: load the study and take trials until the target is reached."""
-    import os
-
     import optuna
     import torch
 
-    threads = os.environ.get("SKINML_SWEEP_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
     spec = WorkerSpec(**json.loads(Path(spec_file).read_text()))
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     tracking.setup_tracking()
     study = _load_study(spec, optuna.storages.RDBStorage(spec.storage))
-    _optimize(spec, study, Path(lock_file))
+    _optimize(spec, study, Path(spec.lock_file))
 
 
 def _mark_pruned(study_name: str, number: int) -> None:
@@ -412,4 +397,4 @@ if __name__ == "__main__":
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    worker_main(*sys.argv[1:3])
+    worker_main(sys.argv[1])
