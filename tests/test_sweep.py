@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import mlflow
 import pytest
 
@@ -129,6 +131,10 @@ def test_parallel_workers_share_the_study_and_stop_at_the_target(mlflow_store, s
     assert parent.info.status == "FINISHED" and parent.data.tags["skinml.sweep_parallel"] == "2"
     assert len(mlflow.MlflowClient().get_metric_history(result.parent_run_id, "trial_best_val_bacc")) == 3
     assert sorted(p.name for p in logs.glob("*.log")) == ["s4-worker-0.log", "s4-worker-1.log"]
+    # each worker's log names the trials it took and how they ended: together, each trial once
+    ended = re.findall(r"trial (\d+): val bacc ([0-9.]+)", "".join(p.read_text() for p in logs.glob("*.log")))
+    assert sorted(int(n) for n, _ in ended) == [0, 1, 2]
+    assert {int(n): float(v) for n, v in ended} == {t.number: pytest.approx(t.value, abs=1e-4) for t in study.trials}
 
 
 def test_a_failing_worker_fails_the_sweep_and_names_its_log(mlflow_store, synthetic_dir, tmp_path):

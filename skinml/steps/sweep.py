@@ -312,13 +312,16 @@ def _optimize(spec: WorkerSpec, study, lock_path: Path | None) -> None:
             trial = study.ask()
         try:
             value = _objective(spec, study.study_name, trial)
-        except optuna.TrialPruned:
+        except optuna.TrialPruned as pruned:
             study.tell(trial, state=TrialState.PRUNED)
+            log.info("trial %d: pruned (%s)", trial.number, pruned)
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
+            log.error("trial %d: failed", trial.number)
             raise
         else:
             study.tell(trial, value)
+            log.info("trial %d: val bacc %.4f", trial.number, value)
 
 
 def _objective(spec: WorkerSpec, study_name: str, trial) -> float:
@@ -344,6 +347,7 @@ def _objective(spec: WorkerSpec, study_name: str, trial) -> float:
         tags[TAG_BASELINE] = "true"
     experiment = mlflow.MlflowClient().get_experiment(spec.experiment_id).name
     name = f"trial-{trial.number}" + ("-baseline" if is_baseline else "")
+    log.info("trial %d (%s): %s", trial.number, name, json.dumps(trial.params, sort_keys=True))
     try:
         result = train(recipe, split=spec.split, data_dir=spec.data_dir, seed=spec.seed, run_name=name,
                        extra_tags=tags, epoch_callback=report if spec.prune else None, device=spec.device,
