@@ -39,7 +39,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from skinml import tracking
 from skinml.training.recipe import Recipe
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("skinml.steps.sweep")  # by name: worker processes run this module as __main__
 
 TAG_STUDY = "skinml.sweep_study"
 TAG_TRIAL = "skinml.sweep_trial"
