@@ -232,3 +232,35 @@ def test_a_failing_concurrent_job_is_reported_with_its_output(mlflow_store, synt
     recipe = tiny(pretrained=str(tmp_path / "no-such-weights.pt"))
     with pytest.raises(RuntimeError, match=r"(?s)benchmark job 0 of 2 failed \(exit 1\).*no-such-weights\.pt"):
         concurrent_benchmark(recipe, split.manifest, str(synthetic_dir), 2, device="cpu", num_workers=0, steps=1)
+
+
+@pytest.mark.timeout(300)
+def test_a_terminated_training_ends_its_run_failed_not_running(mlflow_store, synthetic_dir):
+    """SIGTERM (kill, a scheduler's timeout) unwinds the command: the run is closed, not left RUNNING."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["train", "--model", "cnn_fusion", "--backbone", "test_efficientnet", "--pretrained", "none",
+            "--epochs", "200", "--image-size", "32", "--set", "augment_resize=36", "--batch-size", "16",
+            "--data-dir", str(synthetic_dir), "--num-workers", "0", "--device", "cpu", "--run-name", "to-stop"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "skinml", *args], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    client = mlflow.MlflowClient()
+    deadline = time.monotonic() + 240
+    run = None
+    while time.monotonic() < deadline and process.poll() is None:  # wait until it trains (an epoch is logged)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        found = client.search_runs(experiments, "attributes.run_name = 'to-stop'")
+        if found and "train_loss" in found[0].data.metrics:
+            run = found[0]
+            break
+        time.sleep(0.5)
+    assert run is not None and run.info.status == "RUNNING", process.communicate()[0][-3000:] if process.poll() else ""
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert client.get_run(run.info.run_id).info.status == "FAILED"
