@@ -252,15 +252,20 @@ def test_a_terminated_training_ends_its_run_failed_not_running(mlflow_store, syn
     client = mlflow.MlflowClient()
     deadline = time.monotonic() + 240
     run = None
-    while time.monotonic() < deadline and process.poll() is None:  # wait until it trains (an epoch is logged)
-        experiments = [e.experiment_id for e in client.search_experiments()]
-        found = client.search_runs(experiments, "attributes.run_name = 'to-stop'")
-        if found and "train_loss" in found[0].data.metrics:
-            run = found[0]
-            break
-        time.sleep(0.5)
-    assert run is not None and run.info.status == "RUNNING", process.communicate()[0][-3000:] if process.poll() else ""
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=60)[0]
+    try:
+        while time.monotonic() < deadline and process.poll() is None:  # wait until it trains (an epoch is logged)
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            found = client.search_runs(experiments, "attributes.run_name = 'to-stop'")
+            if found and "train_loss" in found[0].data.metrics:
+                run = found[0]
+                break
+            time.sleep(0.5)
+        assert run is not None and run.info.status == "RUNNING", process.communicate()[0][-3000:] if process.poll() else ""
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0]
+    finally:
+        if process.poll() is None:  # never leave a 200-epoch training behind a failed assertion
+            process.kill()
+            process.wait()
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert client.get_run(run.info.run_id).info.status == "FAILED"
