@@ -269,3 +269,47 @@ def test_a_terminated_training_ends_its_run_failed_not_running(mlflow_store, syn
             process.wait()
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert client.get_run(run.info.run_id).info.status == "FAILED"
+
+
+@pytest.mark.timeout(120)
+def test_a_terminated_launcher_stops_its_worker_processes(tmp_path):
+    """SIGTERM to a sweep or concurrent benchmark stops its workers too, and they unwind (finally runs)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    (tmp_path / "sleeper.py").write_text(textwrap.dedent("""
+        import sys, time
+        from pathlib import Path
+        from skinml.training.processes import exit_on_sigterm
+        exit_on_sigterm()
+        spec = Path(sys.argv[1])
+        spec.with_suffix(".pid").write_text("started")
+        try:
+            time.sleep(120)
+        finally:
+            spec.with_suffix(".unwound").write_text("yes")
+    """))
+    launcher = textwrap.dedent(f"""
+        from pathlib import Path
+        from skinml.training.processes import exit_on_sigterm, run_module_processes
+        exit_on_sigterm()
+        run_module_processes("sleeper", [{{}}, {{}}], Path({str(tmp_path / "w")!r}), "job")
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    parent = subprocess.Popen([sys.executable, "-c", launcher], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list((tmp_path / "w").glob("*.pid"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(list((tmp_path / "w").glob("*.pid"))) == 2
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+        # the launcher waited for its workers, and each unwound on the SIGTERM it passed on
+        assert sorted(p.name for p in (tmp_path / "w").glob("*.unwound")) == ["job-0.unwound", "job-1.unwound"]
+    finally:
+        if parent.poll() is None:
+            parent.kill()

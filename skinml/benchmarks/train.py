@@ -33,7 +33,7 @@ from skinml.inference import autocast, pick_device
 from skinml.training.fit import build_optimizer
 from skinml.training.loop import train_one_epoch
 from skinml.training.prepare import build_criterion, build_loaders, build_model, prepare_data
-from skinml.training.processes import run_module_processes, threads_per_process
+from skinml.training.processes import exit_on_sigterm, run_module_processes, threads_per_process
 from skinml.training.recipe import Recipe
 from skinml.training.state import seed_everything
 
@@ -188,6 +188,7 @@ def _job_main(spec_file: str) -> None:
     """One job of :func:`concurrent_benchmark` (a process of its own)."""
     import pandas as pd
 
+    exit_on_sigterm()  # stopped by its parent: the barrier hears of it (failed-<job>) and its run ends
     spec = json.loads(Path(spec_file).read_text())
     torch.set_num_threads(spec["threads"])
     recipe = Recipe.from_dict(spec["recipe"])

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import signal
-import threading
 
 import click
 
@@ -40,22 +38,9 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "mlflow.store", "urllib3", "PIL", "matplotlib", "timm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    _exit_cleanly_on_sigterm()
+    from skinml.training.processes import exit_on_sigterm  # stdlib only: `skinml --help` stays quick
 
-
-def _terminated(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _exit_cleanly_on_sigterm() -> None:
-    """Turn SIGTERM (``kill``, a scheduler's timeout, ``mlflow run`` stopped) into ``SystemExit``.
-
-    Python's default is to die at once, which leaves the MLflow run RUNNING for ever and skips
-    every ``finally``; as an exception it unwinds like an error: the run ends FAILED and temporary
-    files are removed. Only where nobody else has claimed the signal (servers install their own).
-    """
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _terminated)
+    exit_on_sigterm()  # a killed command's MLflow run ends FAILED instead of RUNNING for ever
 
 
 for _module, _names in _COMMANDS:

@@ -380,6 +380,9 @@ def worker_main(spec_file: str) -> None:
     import optuna
     import torch
 
+    from skinml.training.processes import exit_on_sigterm
+
+    exit_on_sigterm()  # stopped by its parent: the trial is told FAIL and its run ends FAILED
     spec = WorkerSpec(**json.loads(Path(spec_file).read_text()))
     if spec.threads:
         torch.set_num_threads(spec.threads)
