@@ -188,7 +188,7 @@ def _job_main(spec_file: str) -> None:
     """One job of :func:`concurrent_benchmark` (a process of its own)."""
     import pandas as pd
 
-    exit_on_sigterm()  # stopped by its parent: the barrier hears of it (failed-<job>) and its run ends
+    exit_on_sigterm()  # stopped by its parent: it unwinds below and leaves failed-<job> for the barrier
     spec = json.loads(Path(spec_file).read_text())
     torch.set_num_threads(spec["threads"])
     recipe = Recipe.from_dict(spec["recipe"])

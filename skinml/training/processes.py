@@ -1,5 +1,6 @@
-"""N copies of a Python module started at once, each reading a JSON spec (the sweep's workers,
-the concurrent training benchmark's jobs)."""
+"""Worker processes: N copies of a Python module started at once, each reading a JSON spec (the
+sweep's workers, the concurrent training benchmark's jobs), and the SIGTERM handling that lets
+them and the commands that start them stop cleanly."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +64,10 @@ def _stop(processes: list[subprocess.Popen], grace: float = 30.0) -> None:
     for proc in processes:
         if proc.poll() is None:
             proc.terminate()
+    deadline = time.monotonic() + grace  # one grace period for all, not one each
     for proc in processes:
         try:
-            proc.wait(timeout=grace)
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
