@@ -26,6 +26,7 @@ from skinml.data.transforms import ImageConfig
 from skinml.inference import pick_device
 from skinml.steps.split import SplitRef, load_split, log_dataset_inputs, run_split
 from skinml.training import distributed
+from skinml.training.ema import WeightAverage
 from skinml.training.fit import EpochEnd, build_optimizer, build_scheduler, fit
 from skinml.training.imbalance import class_counts, inverse_frequency_weights
 from skinml.training.prepare import (
@@ -129,9 +130,12 @@ def _train(recipe, split, data_dir, seed, resume, experiment, dev, num_workers, 
     criterion = build_criterion(recipe, loaders, dev)
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe)
+    average = WeightAverage(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
     state = TrainState()
     if resume_state is not None:
         model.load_state_dict(resume_state["model_state"])
+        if average is not None:
+            average.load_state_dict(resume_state["weight_average"])
         optimizer.load_state_dict(resume_state["optimizer_state"])
         scheduler.load_state_dict(resume_state["scheduler_state"])
         restore_rng(resume_state["rng"], loaders.sampler_generator, loaders.loader_generator)
@@ -141,7 +145,8 @@ def _train(recipe, split, data_dir, seed, resume, experiment, dev, num_workers, 
         max_epochs=max_epochs_this_call, before_epoch=loaders.set_epoch,
         batch_transform=loaders.augment if loaders.batch_augment is not None else None,
         metadata_transform=loaders.mask_metadata if loaders.field_dropout is not None else None,
-        train_row_transform=distributed.global_train_row(dist_info, dev) if dist_info.enabled else None)
+        train_row_transform=distributed.global_train_row(dist_info, dev) if dist_info.enabled else None,
+        average=average)
     if not dist_info.is_main:  # the other torchrun processes train in step, rank 0 logs
         state = fit(trained, loaders.train, loaders.val, loaders.val_arrays.labels, criterion, optimizer, scheduler,
                     dev, recipe, state, **fit_options)
@@ -176,7 +181,7 @@ def _train(recipe, split, data_dir, seed, resume, experiment, dev, num_workers, 
             _carry_over(resume, state)
         with tempfile.TemporaryDirectory() as tmp:
             hook = _EpochLogger(Path(tmp), model, data, image_config, recipe, seed, split_ref, optimizer, scheduler,
-                                loaders, epoch_callback)
+                                loaders, epoch_callback, average)
             state = fit(trained, loaders.train, loaders.val, loaders.val_arrays.labels, criterion, optimizer, scheduler,
                         dev, recipe, state, on_epoch_end=hook, **fit_options)
             if state.stopped_early:
@@ -220,15 +225,17 @@ class _EpochLogger:
 
     def __init__(self, tmp: Path, model, data: TrainingData, image_config: ImageConfig | None, recipe: Recipe,
                  seed: int, split_ref: SplitRef, optimizer, scheduler, loaders: Loaders,
-                 callback: Callable[[int, dict[str, float]], None] | None = None) -> None:
+                 callback: Callable[[int, dict[str, float]], None] | None = None,
+                 average: WeightAverage | None = None) -> None:
         self.tmp, self.model, self.data, self.image_config = tmp, model, data, image_config
+        self.average = average
         self.recipe, self.seed, self.split_ref = recipe, seed, split_ref
         self.optimizer, self.scheduler, self.loaders = optimizer, scheduler, loaders
         self.best_proba: np.ndarray | None = None
         self.callback = callback
 
-    def _state(self) -> dict[str, Any]:
-        state = inference.inference_state(self.model, self.data.preprocessor, self.image_config)
+    def _state(self, model) -> dict[str, Any]:
+        state = inference.inference_state(model, self.data.preprocessor, self.image_config)
         state.update(recipe=self.recipe.to_dict(), seed=self.seed)
         return state
 
@@ -236,15 +243,18 @@ class _EpochLogger:
         mlflow.log_metrics(end.row, step=end.epoch)
         if end.improved:
             self.best_proba = end.val_proba
-            best = self._state()
+            # What validation scored (the weight average when there is one) is what best.pt serves.
+            best = self._state(self.average.module if self.average is not None else self.model)
             best.update(epoch=end.epoch, val_loss=end.row["val_loss"])
             mlflow.log_artifact(str(inference.save_checkpoint(best, self.tmp / "best.pt")), "checkpoints")
-        last = self._state()
+        last = self._state(self.model)  # the raw weights: what training resumes from
         last.update(
             epoch=end.epoch, optimizer_state=self.optimizer.state_dict(), scheduler_state=self.scheduler.state_dict(),
             rng=capture_rng(self.loaders.sampler_generator, self.loaders.loader_generator),
             train_state=end.state.to_dict(), split_run_id=self.split_ref.run_id, split_source=self.split_ref.source,
         )
+        if self.average is not None:
+            last["weight_average"] = self.average.state_dict()
         mlflow.log_artifact(str(inference.save_checkpoint(last, self.tmp / "last.pt")), "checkpoints")
         if self.callback is not None:
             self.callback(end.epoch, dict(end.row))

@@ -20,6 +20,7 @@ from torch import nn
 
 from skinml.data import schema
 from skinml.inference import predict_proba
+from skinml.training.ema import WeightAverage
 from skinml.training.loop import epoch_metrics, progress, train_one_epoch
 from skinml.training.recipe import Recipe
 from skinml.training.state import TrainState
@@ -67,12 +68,18 @@ def fit(model: nn.Module, train_loader, val_loader, val_labels: np.ndarray, crit
         device: torch.device, recipe: Recipe, state: TrainState,
         on_epoch_end: Callable[[EpochEnd], None] | None = None, max_epochs: int | None = None,
         before_epoch: Callable[[int], None] | None = None, batch_transform=None,
-        metadata_transform=None, train_row_transform: Callable[[dict], dict] | None = None) -> TrainState:
+        metadata_transform=None, train_row_transform: Callable[[dict], dict] | None = None,
+        average: WeightAverage | None = None) -> TrainState:
     """Train from ``state.epoch + 1`` to ``recipe.epochs`` (at most ``max_epochs`` more).
 
     ``before_epoch(epoch)`` seeds the epoch's data order (:meth:`Loaders.set_epoch`);
-    ``batch_transform`` augments each batch on the device (:meth:`Loaders.augment`).
+    ``batch_transform`` augments each batch on the device (:meth:`Loaders.augment`);
+    ``average`` (``ema_decay`` > 0) is updated after every step of the unwrapped ``model`` and
+    is what validation scores.
     """
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    after_step = (lambda: average.update(inner)) if average is not None else None
+    scored = average.module if average is not None else model
     start_epoch = state.epoch + 1
     for epoch in range(start_epoch, recipe.epochs + 1):
         if max_epochs is not None and epoch - start_epoch >= max_epochs:
@@ -83,10 +90,10 @@ def fit(model: nn.Module, train_loader, val_loader, val_labels: np.ndarray, crit
         tick = time.perf_counter()
         row = train_one_epoch(model, train_loader, criterion, optimizer, device, recipe.grad_clip,
                               desc=f"epoch {epoch}/{recipe.epochs}", batch_transform=batch_transform,
-                              metadata_transform=metadata_transform)
+                              metadata_transform=metadata_transform, after_step=after_step)
         if train_row_transform is not None:  # e.g. the mean over torchrun processes
             row = train_row_transform(row)
-        proba, val_loss = predict_proba(model, val_loader, device, criterion, progress=progress("val"))
+        proba, val_loss = predict_proba(scored, val_loader, device, criterion, progress=progress("val"))
         scheduler.step()
         row.update(val_loss=val_loss, **epoch_metrics(val_labels, proba, schema.LABELS), **lrs)
         row["epoch_seconds"] = time.perf_counter() - tick

@@ -20,9 +20,10 @@ def _progress(loader, desc: str):
 
 def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torch.device,
                     grad_clip: float = 0.0, desc: str = "train", batch_transform=None,
-                    metadata_transform=None) -> dict[str, float]:
+                    metadata_transform=None, after_step=None) -> dict[str, float]:
     """One pass over ``loader``; ``batch_transform`` augments each image batch once it is on the
-    device, ``metadata_transform`` masks metadata (questionnaire dropout)."""
+    device, ``metadata_transform`` masks metadata (questionnaire dropout), ``after_step()`` runs
+    after each optimiser step (the weight average)."""
     model.train()
     # Recomputed activations run BatchNorm forward a second time in backward(); keep the
     # statistics of the real forward pass (a checkpointed run then equals a plain one).
@@ -47,6 +48,8 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torc
         if grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
+        if after_step is not None:
+            after_step()
         total_loss += loss.item() * len(target)
         seen += len(target)
     seconds = time.perf_counter() - start

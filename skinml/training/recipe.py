@@ -55,6 +55,9 @@ class Recipe:
     batch_size: int = 32
     early_stopping_patience: int = 0  # 0 = off; else epochs without a lower validation loss
     grad_clip: float = 0.0
+    #: Score and save an exponential moving average of the weights, updated every step with this
+    #: decay (0 = off: the raw weights). See skinml.training.ema.
+    ema_decay: float = 0.0
     #: Recompute the image backbone's activations in the backward pass instead of keeping them:
     #: less training memory for one more forward pass; the same weights and BatchNorm statistics.
     grad_checkpointing: bool = False
@@ -76,6 +79,8 @@ class Recipe:
             raise ValueError(f"epochs and batch_size must be positive, got {self.epochs} and {self.batch_size}")
         if not 0 <= self.questionnaire_dropout <= 1:
             raise ValueError(f"questionnaire_dropout must be in [0, 1], got {self.questionnaire_dropout}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.augment.resize < self.image_size and self.augment.resize != 0:
