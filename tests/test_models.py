@@ -154,6 +154,27 @@ def test_bad_metadata_width_is_a_clear_error():
         create_model("metadata_only", 0)
 
 
+@pytest.mark.parametrize("name", ["cnn_fusion", "image_only"])
+def test_drop_path_is_stochastic_depth_in_training_only(name):
+    """``drop_path`` reaches timm's blocks (rate rising with depth to the value asked), changes
+    nothing in evaluation, and rebuilds from the config; out of [0, 1) it names the option."""
+    plain = tiny_model(name)
+    dropped = tiny_model(name, drop_path=0.3)
+    rates = [m.drop_prob for m in dropped.backbone.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.3 * (len(rates) - 1) / len(rates), abs=0.1)
+    assert rates == sorted(rates)
+    assert not [m for m in plain.backbone.modules() if type(m).__name__ == "DropPath"]
+    plain.load_state_dict(dropped.state_dict())
+    image, metadata = batch(size=4)
+    with torch.no_grad():
+        torch.testing.assert_close(dropped.eval()(image, metadata), plain.eval()(image, metadata))
+        dropped.train()
+        assert not torch.allclose(dropped(image, metadata), dropped(image, metadata))  # a fresh draw each call
+    assert create_model_from_config(json.loads(json.dumps(dropped.config))).config["options"]["drop_path"] == 0.3
+    with pytest.raises(ValueError, match="drop_path must be a number in"):
+        tiny_model(name, drop_path=1.0)
+
+
 # --- spatial fusion ------------------------------------------------------------------------------
 
 

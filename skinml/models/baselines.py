@@ -41,6 +41,7 @@ class ImageOnlyBaseline(SkinClassifier):
         backbone: str = DEFAULT_BACKBONE,
         pretrained: str = "auto",
         head_dropout: float = 0.5,
+        drop_path: float = 0.0,
         data_config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -50,9 +51,10 @@ class ImageOnlyBaseline(SkinClassifier):
         backbone = check_backbone_name(backbone)
         pretrained = check_pretrained(pretrained)
         head_dropout = check_probability("head_dropout", head_dropout)
+        drop_path = check_probability("drop_path", drop_path)
         data_config = check_data_config(data_config)
 
-        loaded, self.data_config = build_cnn_branch(backbone, pretrained, data_config)
+        loaded, self.data_config = build_cnn_branch(backbone, pretrained, data_config, drop_path)
         self.backbone = loaded.module
         self.head = classifier_head(self.backbone.num_features, head_dropout)
 
@@ -62,6 +64,7 @@ class ImageOnlyBaseline(SkinClassifier):
             "backbone": backbone,
             "pretrained": pretrained,
             "head_dropout": head_dropout,
+            "drop_path": drop_path,
             "data_config": json_data_config(self.data_config),
         }
 

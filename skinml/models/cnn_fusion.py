@@ -76,10 +76,17 @@ def check_width(name: str, value: int) -> int:
     return value
 
 
-def build_cnn_branch(backbone: str, pretrained: str, data_config: dict | None) -> tuple[LoadedBackbone, dict]:
+def build_cnn_branch(backbone: str, pretrained: str, data_config: dict | None,
+                     drop_path: float = 0.0) -> tuple[LoadedBackbone, dict]:
     """A globally pooled timm CNN with its weights, and the data config the model will expose
-    (the one given, which a rebuilt model carries over from its config, else the weights')."""
-    loaded = create_backbone(backbone, pretrained, num_classes=0)
+    (the one given, which a rebuilt model carries over from its config, else the weights').
+
+    ``drop_path``: stochastic depth (timm's ``drop_path_rate``): in training, each residual
+    block's branch is skipped per sample with a probability rising linearly to this value over
+    the depth of the network; nothing is dropped in evaluation. 0 builds the plain network.
+    """
+    extra = {"drop_path_rate": drop_path} if drop_path else {}
+    loaded = create_backbone(backbone, pretrained, num_classes=0, **extra)
     return loaded, data_config or loaded.data_config
 
 
@@ -99,6 +106,7 @@ class MultiModalCNNFusion(SkinClassifier):
         head_dropout: float = 0.5,
         metadata_dim: int = METADATA_EMBED_DIM,
         head_dim: int = HEAD_HIDDEN_DIM,
+        drop_path: float = 0.0,
         data_config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -110,9 +118,10 @@ class MultiModalCNNFusion(SkinClassifier):
         pretrained = check_pretrained(pretrained)
         metadata_dropout = check_probability("metadata_dropout", metadata_dropout)
         head_dropout = check_probability("head_dropout", head_dropout)
+        drop_path = check_probability("drop_path", drop_path)
         data_config = check_data_config(data_config)
 
-        loaded, self.data_config = build_cnn_branch(backbone, pretrained, data_config)
+        loaded, self.data_config = build_cnn_branch(backbone, pretrained, data_config, drop_path)
         self.backbone = loaded.module
         self.metadata_mlp = MetadataMLP(self.num_metadata_features, metadata_dropout, metadata_dim)
         self.head = classifier_head(self.backbone.num_features + metadata_dim, head_dropout, head_dim)
@@ -126,6 +135,7 @@ class MultiModalCNNFusion(SkinClassifier):
             "head_dropout": head_dropout,
             "metadata_dim": metadata_dim,
             "head_dim": head_dim,
+            "drop_path": drop_path,
             "data_config": json_data_config(self.data_config),
         }
 
