@@ -219,6 +219,25 @@ def git_tags() -> dict[str, str]:
     return {"mlflow.source.git.commit": commit, "skinml.git_commit": commit, "skinml.git_dirty": str(bool(dirty))}
 
 
+def host_tags() -> dict[str, str]:
+    """What a seeded training's figures depend on besides code, data and seed: the CPU (model and
+    the instruction set torch's kernels use) and the number of threads torch computes with. The order of floating-point sums follows both, and
+    a 20-epoch training amplifies the difference (README, "The default's five seeds, retrained")."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"skinml.cpu": cpu, "skinml.cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "skinml.torch_threads": str(torch.get_num_threads()),
+            "skinml.torch_version": torch.__version__}
+
+
 def log_json(data: Any, artifact_file: str) -> None:
     mlflow.log_text(json.dumps(data, indent=2, sort_keys=True, default=str), artifact_file)
 

@@ -96,6 +96,10 @@ def test_learns_easy_synthetic_data_and_tracks_everything(mlflow_store, syntheti
     assert params["weights_source"].startswith("none")
     assert tags[tracking.TAG_FAMILY] == "fusion" and tags[tracking.TAG_MODEL] == "cnn_fusion"
     assert tags[tracking.TAG_SPLIT_HASH] == params["split_manifest_sha256"]
+    # What the figures depend on besides code, data and seed: the CPU and torch's thread count.
+    assert tags["skinml.torch_threads"] == str(torch.get_num_threads()) and tags["skinml.cpu"]
+    assert tags["skinml.torch_version"] == torch.__version__
+    assert tags["skinml.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
     assert tags["skinml.git_commit"] == tags["mlflow.source.git.commit"] == head.stdout.strip()
     for name in ("train_loss", "val_accuracy", "val_balanced_accuracy", "lr_backbone", "lr_head",

@@ -162,6 +162,7 @@ def _train(recipe, split, data_dir, seed, resume, experiment, dev, num_workers, 
         tracking.TAG_RECIPE_OVERRIDES: ",".join(recipe_overrides(recipe)),
         "skinml.device": str(dev) if dev.type == "cpu" else f"cuda:{torch.cuda.get_device_name(dev)}",
     }
+    tags.update(tracking.host_tags())
     if resume:
         tags["skinml.resumed_from"] = resume
     tags.update(extra_tags or {})
