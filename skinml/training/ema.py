@@ -29,6 +29,8 @@ class WeightAverage:
             raise ValueError(f"ema_decay must be in (0, 1) (0 turns the average off), got {decay}")
         self.decay = float(decay)
         self.updates = 0
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (average, live), built once per model
+        self._source: nn.Module | None = None
         self.module = copy.deepcopy(model).eval()
         for param in self.module.parameters():
             param.requires_grad_(False)
@@ -41,10 +43,14 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        if model is not self._source:
+            # The state dicts' tensors share storage with the modules (optimiser steps and
+            # BatchNorm update them in place), so the pairing is made once, not every step.
+            current = model.state_dict()
+            self._pairs = [(averaged, current[name]) for name, averaged in self.module.state_dict().items()]
+            self._source = model
         share = self.weight_of_newest()
-        current = model.state_dict()
-        for name, averaged in self.module.state_dict().items():
-            value = current[name].detach()
+        for averaged, value in self._pairs:
             if averaged.dtype.is_floating_point:
                 averaged.lerp_(value.to(averaged.dtype), share)
             else:
