@@ -325,6 +325,18 @@ def test_lite2_preset_is_the_default_on_lite2_at_its_native_size():
         {**lite2.flat(), "preset": "default"}
 
 
+def test_lite2_224_preset_is_the_lite2_preset_at_lite0s_size():
+    from skinml.steps.train import recipe_overrides
+
+    default, lite2, small = (resolve_recipe(name) for name in ("default", "default_lite2", "default_lite2_224"))
+    assert (small.backbone, small.image_size, small.train_decode_size) == ("efficientnet_lite2", 224, 224)
+    assert {k for k, v in small.flat().items() if default.flat()[k] != v} == {"preset", "backbone"}
+    assert {k for k, v in small.flat().items() if lite2.flat()[k] != v} == {"preset", "image_size"}
+    assert recipe_overrides(small) == []
+    # the validation runs were `--recipe default_lite2 --set image_size=224`
+    assert resolve_recipe("default_lite2", image_size="224").flat() == {**small.flat(), "preset": "default_lite2"}
+
+
 def test_compare_keeps_an_ensemble_apart_from_its_members():
     from types import SimpleNamespace
 

@@ -114,6 +114,7 @@ def recipe_options(func):
         click.option("--recipe", default="default", show_default=True, callback=recipe_name,
                      type=choice(constants.RECIPE_PRESETS, deprecated=constants.DEPRECATED_RECIPE_NAMES, optional=True),
                      help="Preset: default (chosen on validation), default_lite2 (default on Lite2 at 260 px), "
+                          "default_lite2_224 (default on Lite2 at 224 px), "
                           "default_v1 (the first default) or original (the status report's)."),
         click.option("--model", default="cnn_fusion", show_default=True, type=click.Choice(constants.MODEL_NAMES)),
         click.option("--backbone", default=None, callback=empty_to_none, help="timm backbone name."),

@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 #: Metrics of the training run copied to the parent row (the table the UI shows first).
 HEADLINE_PREFIXES = ("test_", "best_val", "val_test_gap")
 #: The recipes chosen on validation (README, "Recipes"): those whose runs may become champion.
-#: ``default`` (Lite0, the Quickstart's) and the same recipe on Lite2, ahead of it on validation.
-CHAMPION_RECIPES = ("default", "default_lite2")
+#: ``default`` (Lite0, the Quickstart's) and the same recipe on Lite2 (at 260 and 224 px), ahead of
+#: it on validation.
+CHAMPION_RECIPES = ("default", "default_lite2", "default_lite2_224")
 
 
 def run_main(recipe: Recipe, data_dir: str | None = None, seed: int = 42, split_seed: int = 42,
