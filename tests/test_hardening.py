@@ -147,6 +147,9 @@ def test_either_chosen_recipe_takes_the_alias_when_better(mlflow_store, tiny_tra
     refused = registry.register_run(original, name="m", champion_recipe=CHAMPION_RECIPES)
     assert not refused["alias_moved"] and refused["champion_version"] == info["version"]
     assert "is not the validation-chosen one of 'default', 'default_lite2', 'default_lite2_224'" in refused["reason"]
+    small = _finished_training(tiny_training.checkpoint, 0.65, "default_lite2_224")  # better: takes it
+    taken = registry.register_run(small, name="m", champion_recipe=CHAMPION_RECIPES)
+    assert taken["alias_moved"] and taken["champion_version"] == taken["version"]
 
 
 def test_batched_augmentation_trains_reproducibly(mlflow_store, synthetic_dir):
