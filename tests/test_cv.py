@@ -60,3 +60,54 @@ def test_cv_trains_each_fold_and_pools_out_of_fold(mlflow_store, synthetic_dir):
         train_run = client.get_run(row.train_run_id)
         assert train_run.data.metrics["evalval_balanced_accuracy"] == pytest.approx(row.balanced_accuracy)
         assert np.isfinite(row.permuted_metadata_balanced_accuracy)
+
+
+def test_cv_compare_pairs_two_runs_fold_by_fold_and_pooled(mlflow_store, synthetic_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from skinml.cli import cli
+    from skinml.steps.cv import compare_cv
+
+    a = run_cv(tiny(epochs=1), k=2, data_dir=str(synthetic_dir), seed=0, num_workers=0)
+    b = run_cv(tiny(epochs=1, lr_head=0.05), k=2, data_dir=str(synthetic_dir), seed=1, num_workers=0)
+    result = compare_cv(a.run_id, b.run_id, n_boot=300)
+    assert list(result.folds["fold"]) == [0, 1]
+    for name in ("balanced_accuracy", "complete_metadata_balanced_accuracy", "recall_MEL"):
+        np.testing.assert_allclose(result.folds[f"{name}_a"], a.folds[name])
+        np.testing.assert_allclose(result.folds[f"{name}_b"], b.folds[name])
+        np.testing.assert_allclose(result.folds[f"{name}_diff"], a.folds[name] - b.folds[name])
+    client = mlflow.MlflowClient()
+    for run, side in ((a, "a"), (b, "b")):  # the pooled figures are each cv run's own out-of-fold figures
+        metrics = client.get_run(run.run_id).data.metrics
+        assert result.pooled["all"]["balanced_accuracy"][side] == pytest.approx(metrics["cv_oof_balanced_accuracy"])
+        assert result.pooled["complete"]["balanced_accuracy"][side] == pytest.approx(
+            metrics["cv_oof_complete_metadata_balanced_accuracy"])
+    pooled = result.pooled["all"]["balanced_accuracy"]
+    assert pooled["estimate"] == pytest.approx(pooled["a"] - pooled["b"])
+    assert pooled["low"] <= pooled["estimate"] <= pooled["high"] and pooled["n_boot"] == 300
+    oof_a = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=a.run_id, artifact_path="cv_oof_predictions.csv"))
+    mel = oof_a["true"] == "MEL"
+    assert result.mel_found[0] == int((mel & (oof_a["predicted"] == "MEL")).sum()) and result.mel_found[2] == mel.sum()
+
+    out = CliRunner().invoke(cli, ["cv-compare", a.run_id, b.run_id, "--n-boot", "200", "--out", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert f"pooled out-of-fold bal. acc, all rows: a {pooled['a']:.3f}, b {pooled['b']:.3f}" in out.output
+    written = pd.read_csv(tmp_path / "cv_compare_folds.csv")
+    assert len(written) == 2 and set(written["run_a"]) == {a.run_id}
+    assert set(pd.read_csv(tmp_path / "cv_compare_pooled.csv")["subset"]) == {"all", "complete"}
+
+    # runs that do not pair, or are not finished cv runs, are refused by name
+    params = client.get_run(a.run_id).data.params
+    with mlflow.start_run() as other:
+        mlflow.set_tag("skinml.step", "cv")
+        mlflow.log_params({**params, "fold_seed": "7"})
+    with pytest.raises(ValueError, match=r"param 'fold_seed' is '42' vs '7'"):
+        compare_cv(a.run_id, other.info.run_id)
+    with pytest.raises(ValueError, match=r"is a train run, not a `skinml cv` run"):
+        compare_cv(a.run_id, a.folds["train_run_id"][0])
+    with pytest.raises(ValueError, match=r"no run 'nope'"):
+        compare_cv(a.run_id, "nope")
+    with mlflow.start_run() as running:
+        mlflow.set_tag("skinml.step", "cv")
+        with pytest.raises(ValueError, match=f"cv run {running.info.run_id} is RUNNING"):
+            compare_cv(a.run_id, running.info.run_id)

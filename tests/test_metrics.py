@@ -21,6 +21,7 @@ from skinml.evaluation import (
     flatten_metrics,
     format_report,
     metadata_markdown,
+    paired_bootstrap_diff,
     per_run_table,
     plot_comparison,
     plot_confusion_matrix,
@@ -339,6 +340,31 @@ def test_bootstrap_class_recall_skips_resamples_without_the_class():
     assert 300 < mel["n_boot"] < 500
     assert mel["estimate"] == mel["low"] == mel["high"] == 1.0
     assert out["macro_f1"]["n_boot"] == 500
+
+
+def test_paired_difference_resamples_both_models_on_the_same_patients():
+    # 50 patients (2 images each): a is wrong on patient 3 only, b on patients 3 and 7. On the same
+    # resample b can never beat a, and a is strictly ahead exactly when patient 7 is drawn:
+    # probability 1 - (49/50)^50 = 0.636. Resampled independently, b would often look better.
+    y_true, _, groups = _patients(50, 1.0, rows_per_patient=2)
+    y_a = np.where(groups == 3, (y_true + 1) % C, y_true)
+    y_b = np.where(np.isin(groups, (3, 7)), (y_true + 1) % C, y_true)
+    out = paired_bootstrap_diff(y_true, y_a, y_b, groups, metrics=("accuracy", "balanced_accuracy"),
+                                n_boot=4000, seed=1)
+    acc = out["accuracy"]
+    assert acc["a"] == pytest.approx(0.98) and acc["b"] == pytest.approx(0.96)
+    assert acc["estimate"] == pytest.approx(0.02)
+    assert acc["low"] == 0.0 and acc["high"] > 0  # never below zero: the resamples are paired
+    assert acc["p_a_better"] == pytest.approx(1 - (49 / 50) ** 50, abs=0.03)
+    assert out["balanced_accuracy"]["estimate"] == pytest.approx(
+        compute_metrics(y_true, one_hot_proba(list(y_a)))["balanced_accuracy"]
+        - compute_metrics(y_true, one_hot_proba(list(y_b)))["balanced_accuracy"])
+    same = paired_bootstrap_diff(y_true, y_b, y_b, groups, n_boot=200)["balanced_accuracy"]
+    assert same["estimate"] == same["low"] == same["high"] == same["p_a_better"] == 0.0
+    assert paired_bootstrap_diff(y_true, y_a, y_b, groups, seed=5) == paired_bootstrap_diff(y_true, y_a, y_b,
+                                                                                            groups, seed=5)
+    with pytest.raises(ValueError, match="differ in length: 100, 100, 99"):
+        paired_bootstrap_diff(y_true, y_a, y_b[:-1], groups)
 
 
 def test_bootstrap_rejects_unknown_metric():

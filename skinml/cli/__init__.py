@@ -1,7 +1,8 @@
 """The ``skinml`` command: one group, its commands in modules by pipeline stage.
 
 - :mod:`skinml.cli.data`: ``split``, ``synth``
-- :mod:`skinml.cli.training`: ``train``, ``main``, ``study``, ``models``, ``benchmark-train``
+- :mod:`skinml.cli.training`: ``train``, ``main``, ``study``, ``sweep``, ``cv``, ``cv-compare``, ``models``,
+  ``benchmark-train``
 - :mod:`skinml.cli.evaluation`: ``evaluate``, ``compare``
 - :mod:`skinml.cli.serving`: ``register``, ``predict``, ``score``, ``benchmark-serving``
 - :mod:`skinml.cli.explain`: ``explain`` (heatmap overlay + metadata contributions for one photo)
@@ -22,7 +23,7 @@ import click
 #: (module, command attribute names) registered on the group, in help order.
 _COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("skinml.cli.data", ("split", "synth")),
-    ("skinml.cli.training", ("train", "main_pipeline", "study", "sweep", "cv", "list_models", "benchmark_train")),
+    ("skinml.cli.training", ("train", "main_pipeline", "study", "sweep", "cv", "cv_compare", "list_models", "benchmark_train")),
     ("skinml.cli.evaluation", ("evaluate", "compare", "ensemble")),
     ("skinml.cli.serving", ("register", "predict", "score", "benchmark_serving")),
     ("skinml.cli.explain", ("explain",)),

@@ -1,4 +1,5 @@
-"""``skinml train``, ``skinml main``, ``skinml study``, ``skinml sweep``, ``skinml cv`` and ``skinml models``."""
+"""``skinml train``, ``skinml main``, ``skinml study``, ``skinml sweep``, ``skinml cv``, ``skinml cv-compare`` and
+``skinml models``."""
 
 from __future__ import annotations
 
@@ -256,3 +257,23 @@ def cv(recipe, extra, data_dir, k, split_ref, seed, fold_seed, device, num_worke
 
     run_cv(resolved, k=k, split=split_ref, data_dir=data_dir, seed=seed, fold_seed=fold_seed, experiment=experiment,
            device=device, num_workers=num_workers)
+
+
+@click.command("cv-compare")
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--n-boot", default=2000, show_default=True, type=click.IntRange(1),
+              help="Patient bootstrap resamples for the pooled out-of-fold difference.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
+@click.option("--out", default=None, callback=empty_to_none,
+              help="Folder for cv_compare_folds.csv and cv_compare_pooled.csv (else printed only).")
+@friendly_errors
+def cv_compare(run_a, run_b, n_boot, seed, out):
+    """Pair two `skinml cv` runs made on the same folds: a - b by fold and pooled, with a bootstrap interval."""
+    from skinml.steps.cv import compare_cv, format_cv_comparison, write_cv_comparison
+
+    result = compare_cv(run_a, run_b, n_boot=n_boot, seed=seed)
+    click.echo(format_cv_comparison(result))
+    if out:
+        for path in write_cv_comparison(result, out):
+            click.echo(f"wrote {path}")

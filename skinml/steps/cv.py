@@ -131,3 +131,125 @@ def format_cv(table: pd.DataFrame, summary: dict[str, float], k: int) -> str:
                  + (f", complete questionnaire {summary['cv_oof_complete_metadata_balanced_accuracy']:.3f} "
                     f"(n={int(summary['cv_oof_complete_metadata_n'])})" if "cv_oof_complete_metadata_n" in summary else ""))
     return "\n".join(lines)
+
+
+#: Parameters two cv runs must share for their folds to pair.
+PAIRING_PARAMS = ("folds", "fold_seed", "base_split_sha256", "n_pool_images")
+#: Per-fold figures compared fold by fold.
+PAIRED_FIGURES = ("balanced_accuracy", "complete_metadata_balanced_accuracy", "auc_macro", "recall_MEL",
+                  "permuted_metadata_balanced_accuracy")
+
+
+@dataclass
+class CVComparison:
+    run_a: str
+    run_b: str
+    names: tuple[str, str]  # how each run is shown: its recipe (or model) and short id
+    folds: pd.DataFrame  # one row per fold: a, b and a - b of each paired figure
+    pooled: dict[str, dict[str, dict[str, float]]]  # {"all"|"complete": paired_bootstrap_diff(...)}
+    mel_found: tuple[int, int, int]  # melanomas found out of fold by a, by b, and their number
+
+
+def compare_cv(run_a: str, run_b: str, n_boot: int = 2000, seed: int = 0) -> CVComparison:
+    """Pair two ``cv`` runs made on the same folds: fold-by-fold differences, and the pooled
+    out-of-fold difference with a patient bootstrap interval (both models scored on the same
+    resampled patients), on all rows and on complete-questionnaire rows.
+
+    The two runs must share the patient-to-fold deal (number of folds, fold seed, base split),
+    which is checked; otherwise their folds hold different patients and nothing pairs.
+    """
+    from skinml.evaluation.bootstrap import paired_bootstrap_diff
+
+    runs = [_finished_cv_run(run_id) for run_id in (run_a, run_b)]
+    for name in PAIRING_PARAMS:
+        values = [run.data.params.get(name) for run in runs]
+        if values[0] != values[1]:
+            raise ValueError(f"cv runs {run_a} and {run_b} were not made on the same folds: param {name!r} is "
+                             f"{values[0]!r} vs {values[1]!r}; rerun one with `skinml cv` and the other's "
+                             "--folds, --fold-seed and --split")
+    names = tuple(f"{run.data.tags.get(tracking.TAG_RECIPE) or run.data.params.get('model', '?')} "
+                  f"({run.info.run_id[:8]})" for run in runs)
+    tables = [_cv_artifact(run.info.run_id, "cv_folds.csv") for run in runs]
+    oofs = [_cv_artifact(run.info.run_id, "cv_oof_predictions.csv") for run in runs]
+
+    paired = tables[0].merge(tables[1], on="fold", suffixes=("_a", "_b"), validate="one_to_one")
+    if len(paired) != len(tables[0]) or len(paired) != len(tables[1]):
+        raise ValueError(f"cv runs {run_a} and {run_b} do not list the same folds")
+    folds = paired[["fold"]].copy()
+    for name in PAIRED_FIGURES:
+        if f"{name}_a" in paired and f"{name}_b" in paired:
+            folds[f"{name}_a"] = paired[f"{name}_a"]
+            folds[f"{name}_b"] = paired[f"{name}_b"]
+            folds[f"{name}_diff"] = paired[f"{name}_a"] - paired[f"{name}_b"]
+
+    keys = [schema.IMAGE_ID, schema.PATIENT_ID, "true", "complete_metadata", "fold"]
+    both = oofs[0].merge(oofs[1], on=keys, how="outer", suffixes=("_a", "_b"), indicator=True, validate="one_to_one")
+    unmatched = both[both["_merge"] != "both"]
+    if len(unmatched):
+        raise ValueError(f"cv runs {run_a} and {run_b} predicted different out-of-fold rows (e.g. image "
+                         f"{unmatched[schema.IMAGE_ID].iloc[0]!r}, fold or patient differs): not the same folds")
+    pooled = {}
+    for subset, rows in (("all", np.ones(len(both), dtype=bool)), ("complete", both["complete_metadata"].to_numpy(bool))):
+        if rows.any():
+            part = both[rows]
+            pooled[subset] = paired_bootstrap_diff(part["true"], part["predicted_a"], part["predicted_b"],
+                                                   part[schema.PATIENT_ID],
+                                                   metrics=("balanced_accuracy", "accuracy", "recall_MEL"),
+                                                   n_boot=n_boot, seed=seed)
+    mel = both["true"] == "MEL"
+    mel_found = (int((mel & (both["predicted_a"] == "MEL")).sum()), int((mel & (both["predicted_b"] == "MEL")).sum()),
+                 int(mel.sum()))
+    return CVComparison(runs[0].info.run_id, runs[1].info.run_id, names, folds, pooled, mel_found)
+
+
+def _finished_cv_run(run_id: str) -> mlflow.entities.Run:
+    run = tracking.get_run(run_id)
+    step = run.data.tags.get(tracking.TAG_STEP)
+    if step != "cv":
+        raise ValueError(f"run {run_id} is a {step or 'non-skinml'} run, not a `skinml cv` run")
+    if run.info.status != "FINISHED":
+        raise ValueError(f"cv run {run_id} is {run.info.status}, not FINISHED: its folds are incomplete")
+    return run
+
+
+def _cv_artifact(run_id: str, name: str) -> pd.DataFrame:
+    return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name))
+
+
+def format_cv_comparison(result: CVComparison) -> str:
+    a, b = result.names
+    lines = [f"paired cross-validation: a = {a}, b = {b} (same patient folds)",
+             f"  {'fold':<6}{'bal. acc a':>12}{'b':>8}{'a - b':>8}{'complete q. a':>15}{'b':>8}{'a - b':>8}"]
+    f = result.folds
+    for row in f.itertuples():
+        lines.append(f"  {row.fold:<6}{row.balanced_accuracy_a:>12.3f}{row.balanced_accuracy_b:>8.3f}"
+                     f"{row.balanced_accuracy_diff:>+8.3f}{row.complete_metadata_balanced_accuracy_a:>15.3f}"
+                     f"{row.complete_metadata_balanced_accuracy_b:>8.3f}{row.complete_metadata_balanced_accuracy_diff:>+8.3f}")
+    for name, label in (("balanced_accuracy", "bal. acc"), ("complete_metadata_balanced_accuracy", "complete q."),
+                        ("auc_macro", "macro AUC"), ("recall_MEL", "MEL recall")):
+        if f"{name}_diff" in f:
+            diff = f[f"{name}_diff"].dropna()
+            lines.append(f"  {label} a - b by fold: mean {diff.mean():+.3f}, a ahead in {(diff > 0).sum()} of {len(diff)}")
+    for subset, label in (("all", "all rows"), ("complete", "complete questionnaire")):
+        if subset in result.pooled:
+            ba = result.pooled[subset]["balanced_accuracy"]
+            lines.append(f"  pooled out-of-fold bal. acc, {label}: a {ba['a']:.3f}, b {ba['b']:.3f}, a - b {ba['estimate']:+.3f} "
+                         f"[{ba['low']:+.3f}, {ba['high']:+.3f}] (95% patient bootstrap, a ahead in "
+                         f"{100 * ba['p_a_better']:.0f}% of resamples)")
+    found_a, found_b, n_mel = result.mel_found
+    lines.append(f"  melanomas found out of fold: a {found_a} of {n_mel}, b {found_b} of {n_mel}")
+    return "\n".join(lines)
+
+
+def write_cv_comparison(result: CVComparison, out: str | Path) -> list[Path]:
+    """``cv_compare_folds.csv`` (a, b, a - b per fold) and ``cv_compare_pooled.csv`` (one row per
+    subset and metric) under ``out``."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    folds = result.folds.assign(run_a=result.run_a, run_b=result.run_b)
+    pooled = pd.DataFrame([{"subset": subset, "metric": metric, "run_a": result.run_a, "run_b": result.run_b, **values}
+                           for subset, by_metric in result.pooled.items() for metric, values in by_metric.items()])
+    paths = [folder / "cv_compare_folds.csv", folder / "cv_compare_pooled.csv"]
+    folds.to_csv(paths[0], index=False)
+    pooled.to_csv(paths[1], index=False)
+    return paths
