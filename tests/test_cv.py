@@ -95,6 +95,17 @@ def test_cv_compare_pairs_two_runs_fold_by_fold_and_pooled(mlflow_store, synthet
     written = pd.read_csv(tmp_path / "cv_compare_folds.csv")
     assert len(written) == 2 and set(written["run_a"]) == {a.run_id}
     assert set(pd.read_csv(tmp_path / "cv_compare_pooled.csv")["subset"]) == {"all", "complete"}
+    logged = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                "tags.`skinml.step` = 'cv-compare'")
+    assert len(logged) == 1 and f"logged as run {logged[0].info.run_id}" in out.output
+    assert logged[0].data.params["run_b"] == b.run_id
+    assert logged[0].data.metrics["oof_all_balanced_accuracy_diff"] == pytest.approx(pooled["estimate"])
+    assert logged[0].data.metrics["fold_mean_balanced_accuracy_diff"] == pytest.approx(
+        (a.folds["balanced_accuracy"] - b.folds["balanced_accuracy"]).mean())
+    assert {f.path for f in client.list_artifacts(logged[0].info.run_id)} == {"cv_compare_folds.csv",
+                                                                             "cv_compare_pooled.csv"}
+    quiet = CliRunner().invoke(cli, ["cv-compare", a.run_id, b.run_id, "--n-boot", "50", "--no-log"])
+    assert quiet.exit_code == 0 and "logged as run" not in quiet.output
 
     # runs that do not pair, or are not finished cv runs, are refused by name
     params = client.get_run(a.run_id).data.params

@@ -266,14 +266,17 @@ def cv(recipe, extra, data_dir, k, split_ref, seed, fold_seed, device, num_worke
               help="Patient bootstrap resamples for the pooled out-of-fold difference.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
 @click.option("--out", default=None, callback=empty_to_none,
-              help="Folder for cv_compare_folds.csv and cv_compare_pooled.csv (else printed only).")
+              help="Also write cv_compare_folds.csv and cv_compare_pooled.csv to this folder.")
+@click.option("--no-log", is_flag=True, help="Do not log the comparison as an MLflow run.")
 @friendly_errors
-def cv_compare(run_a, run_b, n_boot, seed, out):
+def cv_compare(run_a, run_b, n_boot, seed, out, no_log):
     """Pair two `skinml cv` runs made on the same folds: a - b by fold and pooled, with a bootstrap interval."""
-    from skinml.steps.cv import compare_cv, format_cv_comparison, write_cv_comparison
+    from skinml.steps.cv import compare_cv, format_cv_comparison, log_cv_comparison, write_cv_comparison
 
     result = compare_cv(run_a, run_b, n_boot=n_boot, seed=seed)
     click.echo(format_cv_comparison(result))
     if out:
         for path in write_cv_comparison(result, out):
             click.echo(f"wrote {path}")
+    if not no_log:
+        click.echo(f"logged as run {log_cv_comparison(result, n_boot, seed)}")

@@ -253,3 +253,31 @@ def write_cv_comparison(result: CVComparison, out: str | Path) -> list[Path]:
     folds.to_csv(paths[0], index=False)
     pooled.to_csv(paths[1], index=False)
     return paths
+
+
+def log_cv_comparison(result: CVComparison, n_boot: int, seed: int) -> str:
+    """Log the comparison as a ``cv-compare`` run (params: both runs; metrics: the pooled a - b
+    with its interval per subset; artifacts: both CSVs), so it sits beside the cv runs in the UI."""
+    tags = {"skinml.cv_run_a": result.run_a, "skinml.cv_run_b": result.run_b}
+    with tracking.start_run("cv-compare", run_name=f"cv-compare-{result.run_a[:8]}-{result.run_b[:8]}",
+                            tags=tags) as run:
+        tracking.log_params({"run_a": result.run_a, "run_b": result.run_b, "name_a": result.names[0],
+                             "name_b": result.names[1], "n_boot": n_boot, "bootstrap_seed": seed})
+        metrics = {}
+        for subset, by_metric in result.pooled.items():
+            for metric, values in by_metric.items():
+                for key, name in (("a", "a"), ("b", "b"), ("estimate", "diff"), ("low", "diff_low"),
+                                  ("high", "diff_high"), ("p_a_better", "p_a_better")):
+                    if np.isfinite(values[key]):
+                        metrics[f"oof_{subset}_{metric}_{name}"] = values[key]
+        for name in PAIRED_FIGURES:
+            if f"{name}_diff" in result.folds:
+                diff = result.folds[f"{name}_diff"].dropna()
+                if len(diff):
+                    metrics[f"fold_mean_{name}_diff"] = float(diff.mean())
+                    metrics[f"folds_a_ahead_{name}"] = float((diff > 0).sum())
+        mlflow.log_metrics(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_cv_comparison(result, tmp)
+            mlflow.log_artifacts(tmp)
+        return run.info.run_id
