@@ -263,13 +263,11 @@ def log_cv_comparison(result: CVComparison, n_boot: int, seed: int) -> str:
                             tags=tags) as run:
         tracking.log_params({"run_a": result.run_a, "run_b": result.run_b, "name_a": result.names[0],
                              "name_b": result.names[1], "n_boot": n_boot, "bootstrap_seed": seed})
-        metrics = {}
-        for subset, by_metric in result.pooled.items():
-            for metric, values in by_metric.items():
-                for key, name in (("a", "a"), ("b", "b"), ("estimate", "diff"), ("low", "diff_low"),
-                                  ("high", "diff_high"), ("p_a_better", "p_a_better")):
-                    if np.isfinite(values[key]):
-                        metrics[f"oof_{subset}_{metric}_{name}"] = values[key]
+        names = {"a": "a", "b": "b", "estimate": "diff", "low": "diff_low", "high": "diff_high",
+                 "p_a_better": "p_a_better"}
+        metrics = {f"oof_{subset}_{metric}_{name}": values[key]
+                   for subset, by_metric in result.pooled.items() for metric, values in by_metric.items()
+                   for key, name in names.items() if np.isfinite(values[key])}
         for name in PAIRED_FIGURES:
             if f"{name}_diff" in result.folds:
                 diff = result.folds[f"{name}_diff"].dropna()

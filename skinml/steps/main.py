@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 HEADLINE_PREFIXES = ("test_", "best_val", "val_test_gap")
 #: The recipes chosen on validation (README, "Recipes"): those whose runs may become champion.
 #: ``default`` (Lite0, the Quickstart's) and the same recipe on Lite2 (at 260 and 224 px), ahead of
-#: it on validation.
+#: it on the validation split (not in the 5-fold cross-validation at 224 px: README, Results).
 CHAMPION_RECIPES = ("default", "default_lite2", "default_lite2_224")
 
 

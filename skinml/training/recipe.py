@@ -150,7 +150,9 @@ PRESETS["default_lite2"] = {**PRESETS["default"], "backbone": "efficientnet_lite
 # The same on Lite2 at Lite0's 224 px: on validation about as far ahead of `default` as Lite2 at
 # 260 px, and behind it on test like it (README, "Resolution or backbone?"; Lite0 at 260 px is not
 # ahead, so the gain is the backbone's), at about 1.25x Lite0's training time rather than 1.6-1.9x.
-# Also a champion recipe.
+# A 5-fold patient-grouped CV then found no lead over `default` (README, "The 5-fold
+# cross-validation"), so it is not the Quickstart's default; it stays a champion recipe, its runs
+# competing by the same validation rule.
 PRESETS["default_lite2_224"] = {**PRESETS["default_lite2"], "image_size": 224}
 
 
