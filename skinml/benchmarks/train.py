@@ -118,7 +118,8 @@ def benchmark_training(recipe: Recipe, manifest, data_dir: str | None, device: s
     started = time.time()
     row = train_one_epoch(model, loaders.train, criterion, optimizer, dev, recipe.grad_clip, desc="benchmark",
                           batch_transform=loaders.augment if loaders.batch_augment is not None else None,
-                          metadata_transform=loaders.mask_metadata if loaders.field_dropout is not None else None)
+                          metadata_transform=loaders.mask_metadata if loaders.field_dropout is not None else None,
+                          mix=loaders.mix if loaders.mixup is not None else None)
     _synchronize(dev)
     ended = time.time()
     seen = len(loaders.train) * recipe.batch_size

@@ -145,6 +145,7 @@ def _train(recipe, split, data_dir, seed, resume, experiment, dev, num_workers, 
         max_epochs=max_epochs_this_call, before_epoch=loaders.set_epoch,
         batch_transform=loaders.augment if loaders.batch_augment is not None else None,
         metadata_transform=loaders.mask_metadata if loaders.field_dropout is not None else None,
+        mix=loaders.mix if loaders.mixup is not None else None,
         train_row_transform=distributed.global_train_row(dist_info, dev) if dist_info.enabled else None,
         average=average)
     if not dist_info.is_main:  # the other torchrun processes train in step, rank 0 logs

@@ -69,13 +69,13 @@ def fit(model: nn.Module, train_loader, val_loader, val_labels: np.ndarray, crit
         on_epoch_end: Callable[[EpochEnd], None] | None = None, max_epochs: int | None = None,
         before_epoch: Callable[[int], None] | None = None, batch_transform=None,
         metadata_transform=None, train_row_transform: Callable[[dict], dict] | None = None,
-        average: WeightAverage | None = None) -> TrainState:
+        average: WeightAverage | None = None, mix=None) -> TrainState:
     """Train from ``state.epoch + 1`` to ``recipe.epochs`` (at most ``max_epochs`` more).
 
     ``before_epoch(epoch)`` seeds the epoch's data order (:meth:`Loaders.set_epoch`);
     ``batch_transform`` augments each batch on the device (:meth:`Loaders.augment`);
     ``average`` (``ema_decay`` > 0) is updated after every step of the unwrapped ``model`` and
-    is what validation scores.
+    is what validation scores; ``mix`` blends each training batch (mixup, :meth:`Loaders.mix`).
     """
     inner = getattr(model, "module", model)  # DistributedDataParallel
     after_step = (lambda: average.update(inner)) if average is not None else None
@@ -90,7 +90,7 @@ def fit(model: nn.Module, train_loader, val_loader, val_labels: np.ndarray, crit
         tick = time.perf_counter()
         row = train_one_epoch(model, train_loader, criterion, optimizer, device, recipe.grad_clip,
                               desc=f"epoch {epoch}/{recipe.epochs}", batch_transform=batch_transform,
-                              metadata_transform=metadata_transform, after_step=after_step)
+                              metadata_transform=metadata_transform, after_step=after_step, mix=mix)
         if train_row_transform is not None:  # e.g. the mean over torchrun processes
             row = train_row_transform(row)
         proba, val_loss = predict_proba(scored, val_loader, device, criterion, progress=progress("val"))

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from skinml.inference import autocast, to_device
+from skinml.training.mixup import Mixup
 
 
 def _progress(loader, desc: str):
@@ -20,10 +21,11 @@ def _progress(loader, desc: str):
 
 def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torch.device,
                     grad_clip: float = 0.0, desc: str = "train", batch_transform=None,
-                    metadata_transform=None, after_step=None) -> dict[str, float]:
+                    metadata_transform=None, after_step=None, mix=None) -> dict[str, float]:
     """One pass over ``loader``; ``batch_transform`` augments each image batch once it is on the
-    device, ``metadata_transform`` masks metadata (questionnaire dropout), ``after_step()`` runs
-    after each optimiser step (the weight average)."""
+    device, ``metadata_transform`` masks metadata (questionnaire dropout), ``mix(image, metadata,
+    target)`` blends the batch (mixup: a :class:`~skinml.training.mixup.MixedBatch`, and the loss
+    blended with it), ``after_step()`` runs after each optimiser step (the weight average)."""
     model.train()
     # Recomputed activations run BatchNorm forward a second time in backward(); keep the
     # statistics of the real forward pass (a checkpointed run then equals a plain one).
@@ -37,9 +39,12 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torc
         if batch_transform is not None:
             image = batch_transform(image).contiguous(memory_format=torch.channels_last)
         target = target.to(device, non_blocking=device.type == "cuda")
+        mixed = mix(image, metadata, target) if mix is not None else None
+        if mixed is not None:
+            image, metadata = mixed.image, mixed.metadata
         with autocast(device):
             logits = model(image, metadata)
-        loss = criterion(logits.float(), target)
+        loss = criterion(logits.float(), target) if mixed is None else Mixup.loss(criterion, logits.float(), target, mixed)
         optimizer.zero_grad(set_to_none=True)
         kept = [t.clone() for t in running_stats]
         loss.backward()

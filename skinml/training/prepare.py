@@ -24,6 +24,7 @@ from skinml.training.augment import BatchAugment
 from skinml.training.distributed import DistInfo, GlobalBatchSlices, per_rank_batch
 from skinml.training.imbalance import make_loss, make_sampler
 from skinml.training.loaders import default_num_workers
+from skinml.training.mixup import MixedBatch, Mixup
 from skinml.training.modality import FieldDropout
 from skinml.training.recipe import Recipe
 
@@ -106,6 +107,9 @@ class Loaders:
     #: Questionnaire dropout (``questionnaire_dropout`` > 0), else None.
     field_dropout: FieldDropout | None = None
     dropout_generator: torch.Generator | None = None
+    #: mixup (``mixup_alpha`` > 0), else None.
+    mixup: Mixup | None = None
+    mixup_generator: torch.Generator | None = None
     #: This process's rank under torchrun (0 alone): its augmentation and dropout draws differ.
     rank: int = 0
 
@@ -117,6 +121,12 @@ class Loaders:
         if self.field_dropout is None:
             return metadata
         return self.field_dropout(metadata, self.dropout_generator)
+
+    def mix(self, image: torch.Tensor, metadata: torch.Tensor, target: torch.Tensor) -> MixedBatch | None:
+        """The batch blended by mixup (None without it)."""
+        if self.mixup is None:
+            return None
+        return self.mixup(image, metadata, target, self.mixup_generator)
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         """The training view of a uint8 batch already on the device (identity without batching)."""
@@ -137,6 +147,8 @@ class Loaders:
             self.augment_generator.manual_seed(epoch_seed(self.seed, epoch, self._stream(2)))
         if self.dropout_generator is not None:
             self.dropout_generator.manual_seed(epoch_seed(self.seed, epoch, self._stream(3)))
+        if self.mixup_generator is not None:
+            self.mixup_generator.manual_seed(epoch_seed(self.seed, epoch, self._stream(4)))
 
 
 def build_loaders(recipe: Recipe, data: TrainingData, image_config: ImageConfig | None, device: torch.device,
@@ -198,6 +210,9 @@ def build_loaders(recipe: Recipe, data: TrainingData, image_config: ImageConfig 
     if recipe.questionnaire_dropout > 0:
         loaders.field_dropout = FieldDropout(data.preprocessor, recipe.questionnaire_dropout)
         loaders.dropout_generator = torch.Generator().manual_seed(epoch_seed(seed, 0, loaders._stream(3)))
+    if recipe.mixup_alpha > 0:
+        loaders.mixup = Mixup(recipe.mixup_alpha)
+        loaders.mixup_generator = torch.Generator().manual_seed(epoch_seed(seed, 0, loaders._stream(4)))
     return loaders
 
 

@@ -58,6 +58,9 @@ class Recipe:
     #: Score and save an exponential moving average of the weights, updated every step with this
     #: decay (0 = off: the raw weights). See skinml.training.ema.
     ema_decay: float = 0.0
+    #: mixup: blend each training batch with a shuffled copy of itself, photo and metadata, with
+    #: a weight drawn from Beta(alpha, alpha) per batch (0 = off). See skinml.training.mixup.
+    mixup_alpha: float = 0.0
     #: Recompute the image backbone's activations in the backward pass instead of keeping them:
     #: less training memory for one more forward pass; the same weights and BatchNorm statistics.
     grad_checkpointing: bool = False
@@ -81,6 +84,8 @@ class Recipe:
             raise ValueError(f"questionnaire_dropout must be in [0, 1], got {self.questionnaire_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        if not self.mixup_alpha >= 0:
+            raise ValueError(f"mixup_alpha must be >= 0 (0 = off), got {self.mixup_alpha}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.augment.resize < self.image_size and self.augment.resize != 0:
