@@ -122,3 +122,60 @@ def test_cv_compare_pairs_two_runs_fold_by_fold_and_pooled(mlflow_store, synthet
         mlflow.set_tag("skinml.step", "cv")
         with pytest.raises(ValueError, match=f"cv run {running.info.run_id} is RUNNING"):
             compare_cv(a.run_id, running.info.run_id)
+
+
+def test_parallel_cv_trains_folds_in_worker_processes_with_the_serial_results(mlflow_store, synthetic_dir, tmp_path):
+    import torch
+
+    from skinml.training.processes import threads_per_process
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads_per_process(2))  # what each worker takes: the same arithmetic
+    try:
+        serial = run_cv(tiny(epochs=1), k=3, data_dir=str(synthetic_dir), seed=0, num_workers=0)
+    finally:
+        torch.set_num_threads(threads)
+    parallel = run_cv(tiny(epochs=1), k=3, data_dir=str(synthetic_dir), seed=0, num_workers=0, parallel=2,
+                      logs=tmp_path / "logs")
+
+    # worker 0 took folds 0 and 2, worker 1 fold 1; each fold's outcome and log are on disk
+    folder = tmp_path / "logs" / parallel.run_id
+    assert sorted(p.name for p in folder.glob("fold-worker-*.log")) == ["fold-worker-0.log", "fold-worker-1.log"]
+    assert sorted(p.name for p in folder.glob("fold-?.json")) == ["fold-0.json", "fold-1.json", "fold-2.json"]
+    assert '"fold": 2' in (folder / "fold-worker-0.json").read_text()
+
+    # the same folds and training seed give the same figures and out-of-fold predictions
+    for name in ("balanced_accuracy", "complete_metadata_balanced_accuracy", "recall_MEL", "best_epoch", "n_val"):
+        np.testing.assert_allclose(parallel.folds[name], serial.folds[name], atol=1e-9, err_msg=name)
+    oof = {}
+    for key, result in (("serial", serial), ("parallel", parallel)):
+        path = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="cv_oof_predictions.csv")
+        oof[key] = pd.read_csv(path).sort_values(schema.IMAGE_ID).reset_index(drop=True)
+    proba = [f"p_{label}" for label in schema.LABELS]
+    np.testing.assert_allclose(oof["parallel"][proba], oof["serial"][proba], atol=1e-5)
+    assert list(oof["parallel"]["fold"]) == list(oof["serial"]["fold"])
+    assert parallel.summary["cv_oof_balanced_accuracy"] == pytest.approx(serial.summary["cv_oof_balanced_accuracy"])
+
+    # the worker processes' runs are the cv run's children, in its experiment, as in a serial cv
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parallel.run_id)
+    assert parent.data.tags["skinml.cv_parallel"] == "2"
+    for run_id in parallel.folds["train_run_id"]:
+        run = client.get_run(run_id)
+        assert run.data.tags["mlflow.parentRunId"] == parallel.run_id and run.info.status == "FINISHED"
+        assert run.info.experiment_id == parent.info.experiment_id
+        assert run.data.metrics["evalval_balanced_accuracy"] == pytest.approx(
+            float(parallel.folds.set_index("train_run_id").loc[run_id, "balanced_accuracy"]))
+
+
+def test_a_failed_fold_worker_fails_the_cv_run_naming_its_folds(mlflow_store, synthetic_dir, tmp_path):
+    with pytest.raises(RuntimeError, match=r"cv: worker 0 \(folds \[0\]; exit 1; see .*fold-worker-0\.log\)"):
+        run_cv(tiny(epochs=1, pretrained=str(tmp_path / "no-such-weights.pt")), k=2, data_dir=str(synthetic_dir),
+               seed=0, num_workers=0, parallel=2, logs=tmp_path / "logs")
+    client = mlflow.MlflowClient()
+    [cv] = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`skinml.step` = 'cv'")
+    assert cv.info.status == "FAILED"
+    log = next((tmp_path / "logs").glob("*/fold-worker-0.log")).read_text()
+    assert "no-such-weights.pt" in log
+    with pytest.raises(ValueError, match="parallel must be at least 1"):
+        run_cv(tiny(epochs=1), k=2, data_dir=str(synthetic_dir), parallel=0)

@@ -246,17 +246,22 @@ def sweep(recipe, extra, data_dir, study_name, n_trials, split_ref, seed, storag
               help="Split whose train+val rows are folded (test rows stay out); the default split when omitted.")
 @click.option("--seed", default=42, show_default=True, type=int, help="Training seed of every fold.")
 @click.option("--fold-seed", default=42, show_default=True, type=int, help="Seed of the patient-to-fold deal.")
+@click.option("--parallel", default=1, show_default=True, type=click.IntRange(1),
+              help="Folds at a time, in as many worker processes (one GPU shared, or the CPU's cores split).")
+@click.option("--logs", default="outputs/cv", show_default=True,
+              help="Folder for the workers' output (a subfolder per cv run).")
 @device_option
 @click.option("--num-workers", default=None, type=click.IntRange(0), help="DataLoader workers (default: by device).")
 @experiment_option
 @friendly_errors
-def cv(recipe, extra, data_dir, k, split_ref, seed, fold_seed, device, num_workers, experiment, **overrides):
+def cv(recipe, extra, data_dir, k, split_ref, seed, fold_seed, parallel, logs, device, num_workers, experiment,
+       **overrides):
     """Patient-grouped k-fold cross-validation of a recipe on train+val (parent run, a child per fold)."""
     resolved = build_recipe(recipe, extra, **overrides)
     from skinml.steps.cv import run_cv
 
     run_cv(resolved, k=k, split=split_ref, data_dir=data_dir, seed=seed, fold_seed=fold_seed, experiment=experiment,
-           device=device, num_workers=num_workers)
+           device=device, num_workers=num_workers, parallel=parallel, logs=logs)
 
 
 @click.command("cv-compare")

@@ -15,19 +15,26 @@ gets the mean and standard deviation over folds of each figure, the pooled out-o
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from skinml import tracking
 from skinml.data import schema
 from skinml.data.split import fold_manifest, manifest_hash, patient_folds, write_manifest
 from skinml.evaluation.metrics import compute_metrics
 from skinml.training.recipe import Recipe
+
+log = logging.getLogger(__name__)
 
 TAG_CV = "skinml.cv_run"
 TAG_FOLD = "skinml.cv_fold"
@@ -46,15 +53,18 @@ class CVResult:
 
 def run_cv(recipe: Recipe, k: int = 5, split: str | None = None, data_dir: str | None = None, seed: int = 42,
            fold_seed: int = 42, experiment: str | None = None, device: str = "auto",
-           num_workers: int | None = None) -> CVResult:
-    from skinml.steps.evaluate import evaluate_run
-    from skinml.steps.train import resolve_split, train
+           num_workers: int | None = None, parallel: int = 1, logs: str | Path = "outputs/cv") -> CVResult:
+    """``parallel`` > 1 trains that many folds at a time, each in a worker process (one GPU
+    shared, or the CPU's cores split between them), their output in ``logs``; the figures are
+    those of the same folds trained one after another."""
+    from skinml.steps.train import resolve_split
 
+    if parallel < 1:
+        raise ValueError(f"parallel must be at least 1, got {parallel}")
     tracking.setup_tracking()
     base = resolve_split(split, data_dir)
     pool = base.manifest[base.manifest["split"].isin(("train", "val"))]
     folds = patient_folds(pool, k, seed=fold_seed)
-    rows, predictions = [], []
     with tracking.start_run("cv", experiment=experiment, run_name=f"cv{k}-{recipe.model}-{recipe.preset}-s{seed}",
                             tags={tracking.TAG_MODEL: recipe.model, tracking.TAG_RECIPE: recipe.preset,
                                   tracking.TAG_SPLIT_HASH: base.sha256}) as parent:
@@ -62,28 +72,25 @@ def run_cv(recipe: Recipe, k: int = 5, split: str | None = None, data_dir: str |
         tracking.log_params({"folds": k, "fold_seed": fold_seed, "seed": seed, "model": recipe.model,
                              "base_split": base.run_id or base.source, "base_split_sha256": base.sha256,
                              "n_pool_images": len(pool), **{f"recipe.{key}": v for key, v in recipe.flat().items()}})
+        mlflow.set_tag("skinml.cv_parallel", str(parallel))
+        jobs = []
         for fold in range(k):
             manifest = fold_manifest(base.manifest, folds, fold)
-            digest = manifest_hash(manifest)
-            with tracking.start_run("split", run_name=f"cv-fold{fold}-split",
-                                    tags={tracking.TAG_SPLIT_HASH: digest, TAG_CV: cv_id, TAG_FOLD: str(fold)}) as srun:
-                tracking.log_params({"data_dir": data_dir or "", "cv_fold": fold,
-                                     "folds": k, "fold_seed": fold_seed, "base_split_sha256": base.sha256,
-                                     "drop_missing_images": base.drop_missing_images})
-                with tempfile.TemporaryDirectory() as tmp:
-                    write_manifest(manifest, Path(tmp, "manifest.csv"))
-                    mlflow.log_artifacts(tmp, artifact_path="split")
-                split_id = srun.info.run_id
-            result = train(recipe, split=split_id, data_dir=data_dir, seed=seed,
-                           run_name=f"cv-fold{fold}", extra_tags={TAG_CV: cv_id, TAG_FOLD: str(fold)}, device=device,
-                           num_workers=num_workers)
-            evaluation = evaluate_run(result.run_id, split="val", data_dir=data_dir, n_boot=0, explanations=False)
-            figures = {name: evaluation.metrics.get(f"evalval_{name}", np.nan) for name in FIGURES}
-            rows.append({"fold": fold, "train_run_id": result.run_id, "split_run_id": split_id,
-                         "n_val": int((manifest["split"] == "val").sum()), "best_epoch": result.best_epoch, **figures})
-            predictions.append(evaluation.predictions.assign(fold=fold))
+            jobs.append(FoldJob(fold, _log_fold_split(manifest, fold, k, fold_seed, base, cv_id, data_dir),
+                                int((manifest["split"] == "val").sum())))
+        common = dict(recipe=recipe.to_dict(), data_dir=data_dir, seed=seed, device=device, num_workers=num_workers,
+                      cv_run_id=cv_id, experiment_id=parent.info.experiment_id)
+        if parallel == 1:
+            outcomes = train_fold(FoldSpec(jobs=jobs, **common))
+        else:
+            outcomes = _run_fold_workers(common, jobs, parallel, Path(logs) / cv_id)
+        rows, predictions = [], []
+        for job, (figures, run_id, best_epoch, fold_predictions) in sorted(zip(jobs, outcomes), key=lambda p: p[0].fold):
+            rows.append({"fold": job.fold, "train_run_id": run_id, "split_run_id": job.split_run_id,
+                         "n_val": job.n_val, "best_epoch": best_epoch, **figures})
+            predictions.append(fold_predictions.assign(fold=job.fold))
             mlflow.log_metrics({f"fold_{name}": value for name, value in figures.items() if np.isfinite(value)},
-                               step=fold)
+                               step=job.fold)
         table = pd.DataFrame(rows)
         oof = pd.concat(predictions, ignore_index=True)
         summary = _summary(table, oof)
@@ -94,6 +101,117 @@ def run_cv(recipe: Recipe, k: int = 5, split: str | None = None, data_dir: str |
             mlflow.log_artifacts(tmp)
     print(format_cv(table, summary, k))
     return CVResult(cv_id, table, summary)
+
+
+@dataclass(frozen=True)
+class FoldJob:
+    fold: int
+    split_run_id: str
+    n_val: int
+
+
+@dataclass(frozen=True)
+class FoldSpec:
+    """Folds for one process to train and evaluate (JSON, for worker processes)."""
+
+    jobs: list[FoldJob]
+    recipe: dict[str, Any]
+    data_dir: str | None
+    seed: int
+    device: str
+    num_workers: int | None
+    cv_run_id: str
+    experiment_id: str
+    out_dir: str = ""  # worker processes: where each fold's outcome is written
+    threads: int = 0  # worker processes: torch threads (0: torch's default)
+
+
+#: One fold's outcome: its figures, training run, selected epoch and out-of-fold predictions.
+FoldOutcome = tuple[dict[str, float], str, int, pd.DataFrame]
+
+
+def _log_fold_split(manifest: pd.DataFrame, fold: int, k: int, fold_seed: int, base, cv_id: str,
+                    data_dir: str | None) -> str:
+    """A split run for one fold (that fold is ``val``, the others ``train``), child of the cv run."""
+    with tracking.start_run("split", run_name=f"cv-fold{fold}-split",
+                            tags={tracking.TAG_SPLIT_HASH: manifest_hash(manifest), TAG_CV: cv_id,
+                                  TAG_FOLD: str(fold)}) as srun:
+        tracking.log_params({"data_dir": data_dir or "", "cv_fold": fold,
+                             "folds": k, "fold_seed": fold_seed, "base_split_sha256": base.sha256,
+                             "drop_missing_images": base.drop_missing_images})
+        with tempfile.TemporaryDirectory() as tmp:
+            write_manifest(manifest, Path(tmp, "manifest.csv"))
+            mlflow.log_artifacts(tmp, artifact_path="split")
+        return srun.info.run_id
+
+
+def train_fold(spec: FoldSpec) -> list[FoldOutcome]:
+    """Train the recipe on each of ``spec.jobs``' splits and evaluate it on the held-out fold.
+
+    In the cv process the training runs nest under the active cv run; in a worker process the
+    parent is named by its tag, in the cv run's experiment.
+    """
+    from skinml.steps.evaluate import evaluate_run
+    from skinml.steps.train import train
+
+    recipe = Recipe.from_dict(spec.recipe)
+    experiment = None
+    if mlflow.active_run() is None:
+        experiment = mlflow.MlflowClient().get_experiment(spec.experiment_id).name
+    outcomes = []
+    for job in spec.jobs:
+        tags = {TAG_CV: spec.cv_run_id, TAG_FOLD: str(job.fold)}
+        if experiment is not None:
+            tags[MLFLOW_PARENT_RUN_ID] = spec.cv_run_id
+        result = train(recipe, split=job.split_run_id, data_dir=spec.data_dir, seed=spec.seed,
+                       run_name=f"cv-fold{job.fold}", extra_tags=tags, device=spec.device,
+                       num_workers=spec.num_workers, experiment=experiment)
+        evaluation = evaluate_run(result.run_id, split="val", data_dir=spec.data_dir, n_boot=0, explanations=False)
+        figures = {name: float(evaluation.metrics.get(f"evalval_{name}", np.nan)) for name in FIGURES}
+        outcomes.append((figures, result.run_id, int(result.best_epoch), evaluation.predictions))
+    return outcomes
+
+
+def _run_fold_workers(common: dict[str, Any], jobs: list[FoldJob], parallel: int, logs: Path) -> list[FoldOutcome]:
+    """``parallel`` worker processes, worker ``i`` taking folds ``i, i + parallel, ...``; raises
+    naming the folds of a worker that failed (and its log)."""
+    from skinml.training.processes import run_module_processes, threads_per_process
+
+    workers = min(parallel, len(jobs))
+    specs = [FoldSpec(jobs=jobs[index::workers], out_dir=str(logs), threads=threads_per_process(workers), **common)
+             for index in range(workers)]
+    log.info("cv: %d folds in %d worker processes, logs in %s", len(jobs), workers, logs)
+    exits = run_module_processes("skinml.steps.cv", [dataclasses.asdict(spec) for spec in specs], logs, "fold-worker")
+    failed = [f"worker {index} (folds {[job.fold for job in spec.jobs]}; exit {code}; see {log_file})"
+              for index, (spec, (log_file, code)) in enumerate(zip(specs, exits)) if code]
+    if failed:
+        raise RuntimeError(f"cv: {', '.join(failed)}")
+    outcomes = []
+    for job in jobs:
+        done = json.loads((logs / f"fold-{job.fold}.json").read_text())
+        predictions = pd.read_csv(logs / f"fold-{job.fold}-predictions.csv")
+        outcomes.append((done["figures"], done["train_run_id"], done["best_epoch"], predictions))
+    return outcomes
+
+
+def worker_main(spec_file: str) -> None:
+    """One worker process: train and evaluate its folds, and write each outcome beside its log."""
+    import torch
+
+    from skinml.training.processes import exit_on_sigterm
+
+    exit_on_sigterm()  # stopped by its parent: the fold's run ends FAILED
+    raw = json.loads(Path(spec_file).read_text())
+    spec = FoldSpec(**{**raw, "jobs": [FoldJob(**job) for job in raw["jobs"]]})
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    tracking.setup_tracking()
+    out = Path(spec.out_dir)
+    for job in spec.jobs:  # one at a time, so that a finished fold is on disk even if a later one fails
+        [(figures, run_id, best_epoch, predictions)] = train_fold(dataclasses.replace(spec, jobs=[job]))
+        predictions.to_csv(out / f"fold-{job.fold}-predictions.csv", index=False)
+        (out / f"fold-{job.fold}.json").write_text(json.dumps({"figures": figures, "train_run_id": run_id,
+                                                               "best_epoch": best_epoch}))
 
 
 def _summary(table: pd.DataFrame, oof: pd.DataFrame) -> dict[str, float]:
@@ -279,3 +397,10 @@ def log_cv_comparison(result: CVComparison, n_boot: int, seed: int) -> str:
             write_cv_comparison(result, tmp)
             mlflow.log_artifacts(tmp)
         return run.info.run_id
+
+
+if __name__ == "__main__":
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    worker_main(sys.argv[1])
