@@ -81,11 +81,11 @@ def run_cv(recipe: Recipe, k: int = 5, split: str | None = None, data_dir: str |
         common = dict(recipe=recipe.to_dict(), data_dir=data_dir, seed=seed, device=device, num_workers=num_workers,
                       cv_run_id=cv_id, experiment_id=parent.info.experiment_id)
         if parallel == 1:
-            outcomes = train_fold(FoldSpec(jobs=jobs, **common))
+            outcomes = train_folds(FoldSpec(jobs=jobs, **common))
         else:
             outcomes = _run_fold_workers(common, jobs, parallel, Path(logs) / cv_id)
         rows, predictions = [], []
-        for job, (figures, run_id, best_epoch, fold_predictions) in sorted(zip(jobs, outcomes), key=lambda p: p[0].fold):
+        for job, (figures, run_id, best_epoch, fold_predictions) in zip(jobs, outcomes):
             rows.append({"fold": job.fold, "train_run_id": run_id, "split_run_id": job.split_run_id,
                          "n_val": job.n_val, "best_epoch": best_epoch, **figures})
             predictions.append(fold_predictions.assign(fold=job.fold))
@@ -145,7 +145,7 @@ def _log_fold_split(manifest: pd.DataFrame, fold: int, k: int, fold_seed: int, b
         return srun.info.run_id
 
 
-def train_fold(spec: FoldSpec) -> list[FoldOutcome]:
+def train_folds(spec: FoldSpec) -> list[FoldOutcome]:
     """Train the recipe on each of ``spec.jobs``' splits and evaluate it on the held-out fold.
 
     In the cv process the training runs nest under the active cv run; in a worker process the
@@ -208,7 +208,7 @@ def worker_main(spec_file: str) -> None:
     tracking.setup_tracking()
     out = Path(spec.out_dir)
     for job in spec.jobs:  # one at a time, so that a finished fold is on disk even if a later one fails
-        [(figures, run_id, best_epoch, predictions)] = train_fold(dataclasses.replace(spec, jobs=[job]))
+        [(figures, run_id, best_epoch, predictions)] = train_folds(dataclasses.replace(spec, jobs=[job]))
         predictions.to_csv(out / f"fold-{job.fold}-predictions.csv", index=False)
         (out / f"fold-{job.fold}.json").write_text(json.dumps({"figures": figures, "train_run_id": run_id,
                                                                "best_epoch": best_epoch}))
