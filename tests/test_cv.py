@@ -71,6 +71,7 @@ def test_cv_compare_pairs_two_runs_fold_by_fold_and_pooled(mlflow_store, synthet
     a = run_cv(tiny(epochs=1), k=2, data_dir=str(synthetic_dir), seed=0, num_workers=0)
     b = run_cv(tiny(epochs=1, lr_head=0.05), k=2, data_dir=str(synthetic_dir), seed=1, num_workers=0)
     result = compare_cv(a.run_id, b.run_id, n_boot=300)
+    assert result.differences == {"recipe.lr_head": ("0.001", "0.05"), "seed": ("0", "1")}
     assert list(result.folds["fold"]) == [0, 1]
     for name in ("balanced_accuracy", "complete_metadata_balanced_accuracy", "recall_MEL"):
         np.testing.assert_allclose(result.folds[f"{name}_a"], a.folds[name])
@@ -92,6 +93,7 @@ def test_cv_compare_pairs_two_runs_fold_by_fold_and_pooled(mlflow_store, synthet
     out = CliRunner().invoke(cli, ["cv-compare", a.run_id, b.run_id, "--n-boot", "200", "--out", str(tmp_path)])
     assert out.exit_code == 0, out.output
     assert f"pooled out-of-fold bal. acc, all rows: a {pooled['a']:.3f}, b {pooled['b']:.3f}" in out.output
+    assert "trained with: lr_head 0.001 vs 0.05; seed 0 vs 1" in out.output
     written = pd.read_csv(tmp_path / "cv_compare_folds.csv")
     assert len(written) == 2 and set(written["run_a"]) == {a.run_id}
     assert set(pd.read_csv(tmp_path / "cv_compare_pooled.csv")["subset"]) == {"all", "complete"}
@@ -99,6 +101,7 @@ def test_cv_compare_pairs_two_runs_fold_by_fold_and_pooled(mlflow_store, synthet
                                 "tags.`skinml.step` = 'cv-compare'")
     assert len(logged) == 1 and f"logged as run {logged[0].info.run_id}" in out.output
     assert logged[0].data.params["run_b"] == b.run_id
+    assert logged[0].data.tags["skinml.cv_differences"] == "recipe.lr_head: 0.001 vs 0.05; seed: 0 vs 1"
     assert logged[0].data.metrics["oof_all_balanced_accuracy_diff"] == pytest.approx(pooled["estimate"])
     assert logged[0].data.metrics["fold_mean_balanced_accuracy_diff"] == pytest.approx(
         (a.folds["balanced_accuracy"] - b.folds["balanced_accuracy"]).mean())

@@ -266,6 +266,9 @@ class CVComparison:
     folds: pd.DataFrame  # one row per fold: a, b and a - b of each paired figure
     pooled: dict[str, dict[str, dict[str, float]]]  # {"all"|"complete": paired_bootstrap_diff(...)}
     mel_found: tuple[int, int, int]  # melanomas found out of fold by a, by b, and their number
+    #: What the two runs were trained with that differs: ``{param: (a's, b's)}`` over the
+    #: ``recipe.*`` params, ``model`` and ``seed`` (None: not logged, e.g. a field added since).
+    differences: dict[str, tuple[str | None, str | None]] = dataclasses.field(default_factory=dict)
 
 
 def compare_cv(run_a: str, run_b: str, n_boot: int = 2000, seed: int = 0) -> CVComparison:
@@ -317,7 +320,11 @@ def compare_cv(run_a: str, run_b: str, n_boot: int = 2000, seed: int = 0) -> CVC
     mel = both["true"] == "MEL"
     mel_found = (int((mel & (both["predicted_a"] == "MEL")).sum()), int((mel & (both["predicted_b"] == "MEL")).sum()),
                  int(mel.sum()))
-    return CVComparison(runs[0].info.run_id, runs[1].info.run_id, names, folds, pooled, mel_found)
+    logged = [run.data.params for run in runs]
+    keys = sorted({key for params in logged for key in params if key.startswith("recipe.") or key in ("model", "seed")})
+    differences = {key: (logged[0].get(key), logged[1].get(key)) for key in keys
+                   if logged[0].get(key) != logged[1].get(key)}
+    return CVComparison(runs[0].info.run_id, runs[1].info.run_id, names, folds, pooled, mel_found, differences)
 
 
 def _finished_cv_run(run_id: str) -> mlflow.entities.Run:
@@ -336,7 +343,10 @@ def _cv_artifact(run_id: str, name: str) -> pd.DataFrame:
 
 def format_cv_comparison(result: CVComparison) -> str:
     a, b = result.names
+    shown = [f"{key.removeprefix('recipe.')} {'(not logged)' if va is None else va} vs "
+             f"{'(not logged)' if vb is None else vb}" for key, (va, vb) in result.differences.items()]
     lines = [f"paired cross-validation: a = {a}, b = {b} (same patient folds)",
+             f"  trained with: {'; '.join(shown)}" if shown else "  trained with: the same recipe, model and seed",
              f"  {'fold':<6}{'bal. acc a':>12}{'b':>8}{'a - b':>8}{'complete q. a':>15}{'b':>8}{'a - b':>8}"]
     f = result.folds
     for row in f.itertuples():
@@ -381,6 +391,8 @@ def log_cv_comparison(result: CVComparison, n_boot: int, seed: int) -> str:
                             tags=tags) as run:
         tracking.log_params({"run_a": result.run_a, "run_b": result.run_b, "name_a": result.names[0],
                              "name_b": result.names[1], "n_boot": n_boot, "bootstrap_seed": seed})
+        mlflow.set_tag("skinml.cv_differences", "; ".join(f"{k}: {va} vs {vb}" for k, (va, vb) in
+                                                          result.differences.items())[:5000] or "none")
         names = {"a": "a", "b": "b", "estimate": "diff", "low": "diff_low", "high": "diff_high",
                  "p_a_better": "p_a_better"}
         metrics = {f"oof_{subset}_{metric}_{name}": values[key]
