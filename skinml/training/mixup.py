@@ -6,7 +6,8 @@ metadata, are blended with one weight ``lam ~ Beta(alpha, alpha)`` drawn per bat
 loss is ``lam * L(logits, y) + (1 - lam) * L(logits, y[perm])``. Blending the losses rather than
 the targets keeps the criterion as it is (class weights, label smoothing, and the weighted mean's
 normalisation of each term). It runs after augmentation and questionnaire dropout, on the
-training device; evaluation never sees it.
+training device; evaluation never sees it. The logged ``train_loss`` is the blended loss, so it
+is higher than a run without mixup and not comparable with one.
 """
 
 from __future__ import annotations
