@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ def run_cv(recipe: Recipe, k: int = 5, split: str | None = None, data_dir: str |
         common = dict(recipe=recipe.to_dict(), data_dir=data_dir, seed=seed, device=device, num_workers=num_workers,
                       cv_run_id=cv_id, experiment_id=parent.info.experiment_id)
         if parallel == 1:
-            outcomes = train_folds(FoldSpec(jobs=jobs, **common))
+            outcomes = list(train_folds(FoldSpec(jobs=jobs, **common)))
         else:
             outcomes = _run_fold_workers(common, jobs, parallel, Path(logs) / cv_id)
         rows, predictions = [], []
@@ -145,8 +146,9 @@ def _log_fold_split(manifest: pd.DataFrame, fold: int, k: int, fold_seed: int, b
         return srun.info.run_id
 
 
-def train_folds(spec: FoldSpec) -> list[FoldOutcome]:
-    """Train the recipe on each of ``spec.jobs``' splits and evaluate it on the held-out fold.
+def train_folds(spec: FoldSpec) -> Iterator[FoldOutcome]:
+    """Train the recipe on each of ``spec.jobs``' splits and evaluate it on the held-out fold,
+    yielding each fold's outcome as it finishes.
 
     In the cv process the training runs nest under the active cv run; in a worker process the
     parent is named by its tag, in the cv run's experiment.
@@ -158,7 +160,6 @@ def train_folds(spec: FoldSpec) -> list[FoldOutcome]:
     experiment = None
     if mlflow.active_run() is None:
         experiment = mlflow.MlflowClient().get_experiment(spec.experiment_id).name
-    outcomes = []
     for job in spec.jobs:
         tags = {TAG_CV: spec.cv_run_id, TAG_FOLD: str(job.fold)}
         if experiment is not None:
@@ -168,8 +169,7 @@ def train_folds(spec: FoldSpec) -> list[FoldOutcome]:
                        num_workers=spec.num_workers, experiment=experiment)
         evaluation = evaluate_run(result.run_id, split="val", data_dir=spec.data_dir, n_boot=0, explanations=False)
         figures = {name: float(evaluation.metrics.get(f"evalval_{name}", np.nan)) for name in FIGURES}
-        outcomes.append((figures, result.run_id, int(result.best_epoch), evaluation.predictions))
-    return outcomes
+        yield figures, result.run_id, int(result.best_epoch), evaluation.predictions
 
 
 def _run_fold_workers(common: dict[str, Any], jobs: list[FoldJob], parallel: int, logs: Path) -> list[FoldOutcome]:
@@ -207,8 +207,8 @@ def worker_main(spec_file: str) -> None:
         torch.set_num_threads(spec.threads)
     tracking.setup_tracking()
     out = Path(spec.out_dir)
-    for job in spec.jobs:  # one at a time, so that a finished fold is on disk even if a later one fails
-        [(figures, run_id, best_epoch, predictions)] = train_folds(dataclasses.replace(spec, jobs=[job]))
+    # written as each fold finishes, so that a finished fold is on disk even if a later one fails
+    for job, (figures, run_id, best_epoch, predictions) in zip(spec.jobs, train_folds(spec)):
         predictions.to_csv(out / f"fold-{job.fold}-predictions.csv", index=False)
         (out / f"fold-{job.fold}.json").write_text(json.dumps({"figures": figures, "train_run_id": run_id,
                                                                "best_epoch": best_epoch}))
