@@ -110,6 +110,32 @@ def test_cv_compare_pairs_two_runs_fold_by_fold_and_pooled(mlflow_store, synthet
     quiet = CliRunner().invoke(cli, ["cv-compare", a.run_id, b.run_id, "--n-boot", "50", "--no-log"])
     assert quiet.exit_code == 0 and "logged as run" not in quiet.output
 
+    # several runs a side (e.g. training seeds): each side's figures are the mean over its runs
+    c = run_cv(tiny(epochs=1), k=2, data_dir=str(synthetic_dir), seed=2, num_workers=0)
+    two = compare_cv(f"{a.run_id},{c.run_id}", [b.run_id], n_boot=300)
+    assert two.runs_a == (a.run_id, c.run_id) and two.runs_b == (b.run_id,)
+    assert two.differences == {"recipe.lr_head": ("0.001", "0.05"), "seed": ("0/2", "1")}
+    for name in ("balanced_accuracy", "complete_metadata_balanced_accuracy"):
+        np.testing.assert_allclose(two.folds[f"{name}_a"], (a.folds[name] + c.folds[name]) / 2)
+        np.testing.assert_allclose(two.folds[f"{name}_diff"], (a.folds[name] + c.folds[name]) / 2 - b.folds[name])
+    for subset, metric in (("all", "cv_oof_balanced_accuracy"), ("complete", "cv_oof_complete_metadata_balanced_accuracy")):
+        pooled_two = two.pooled[subset]["balanced_accuracy"]
+        assert pooled_two["a"] == pytest.approx(np.mean([client.get_run(r.run_id).data.metrics[metric] for r in (a, c)]))
+        assert pooled_two["b"] == pytest.approx(client.get_run(b.run_id).data.metrics[metric])
+    oof_c = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=c.run_id, artifact_path="cv_oof_predictions.csv"))
+    found_c = int(((oof_c["true"] == "MEL") & (oof_c["predicted"] == "MEL")).sum())
+    assert two.mel_found[0] == pytest.approx((result.mel_found[0] + found_c) / 2) and two.mel_found[1] == result.mel_found[1]
+    out = CliRunner().invoke(cli, ["cv-compare", f"{a.run_id},{c.run_id}", b.run_id, "--n-boot", "300"])
+    assert out.exit_code == 0, out.output
+    assert "each side's figures are the mean over its runs" in out.output and "seed 0/2 vs 1" in out.output
+    assert (f"pooled out-of-fold bal. acc, all rows: a {two.pooled['all']['balanced_accuracy']['a']:.3f}, "
+            f"b {pooled['b']:.3f}") in out.output
+    logged_two = client.get_run(out.output.split("logged as run ")[1].split()[0])
+    assert logged_two.data.params["run_a"] == f"{a.run_id},{c.run_id}"
+    assert logged_two.data.tags["mlflow.runName"] == f"cv-compare-{a.run_id[:8]}+{c.run_id[:8]}-{b.run_id[:8]}"
+    with pytest.raises(ValueError, match="side a names a cv run twice"):
+        compare_cv(f"{a.run_id},{a.run_id}", b.run_id)
+
     # runs that do not pair, or are not finished cv runs, are refused by name
     params = client.get_run(a.run_id).data.params
     with mlflow.start_run() as other:

@@ -27,6 +27,7 @@ from skinml.evaluation import (
     plot_confusion_matrix,
     plot_reliability,
     plot_roc_curves,
+    replicated_bootstrap_diff,
     results_markdown,
     save_figure,
     to_jsonable,
@@ -365,6 +366,39 @@ def test_paired_difference_resamples_both_models_on_the_same_patients():
                                                                                             groups, seed=5)
     with pytest.raises(ValueError, match="differ in length: 100, 100, 99"):
         paired_bootstrap_diff(y_true, y_a, y_b[:-1], groups)
+
+
+def test_replicated_difference_averages_each_sides_runs_on_the_same_resamples():
+    # 50 patients: a's two runs are wrong on patient 3 and on patient 5; b's two runs both on
+    # patients 3, 5 and 7. On any resample each a run is at least as good as each b run, and the
+    # mean of a's runs is strictly ahead exactly when patient 3, 5 or 7 is drawn (a misses 3 and
+    # 5 in one run of two, b in both): probability 1 - (47/50)^50. Never behind: paired resamples.
+    y_true, _, groups = _patients(50, 1.0, rows_per_patient=2)
+    wrong = lambda patients: np.where(np.isin(groups, patients), (y_true + 1) % C, y_true)  # noqa: E731
+    a1, a2, b = wrong((3,)), wrong((5,)), wrong((3, 5, 7))
+    out = replicated_bootstrap_diff(y_true, [a1, a2], [b, b], groups, metrics=("accuracy", "balanced_accuracy"),
+                                    n_boot=2000, seed=1)
+    acc = out["accuracy"]
+    assert acc["a"] == pytest.approx(0.98) and acc["b"] == pytest.approx(0.94)
+    assert acc["estimate"] == pytest.approx(0.04) and acc["low"] == 0.0 and acc["high"] > 0
+    assert acc["p_a_better"] == pytest.approx(1 - (47 / 50) ** 50, abs=0.015)
+    assert out["balanced_accuracy"]["a"] == pytest.approx(np.mean(
+        [compute_metrics(y_true, one_hot_proba(list(y)))["balanced_accuracy"] for y in (a1, a2)]))
+    # one run a side is paired_bootstrap_diff, to the last digit; two identical runs change nothing
+    single = paired_bootstrap_diff(y_true, a1, b, groups, metrics=("accuracy", "recall_MEL"), n_boot=500, seed=2)
+    assert replicated_bootstrap_diff(y_true, [a1], [b], groups, metrics=("accuracy", "recall_MEL"), n_boot=500,
+                                     seed=2) == single
+    assert replicated_bootstrap_diff(y_true, [a1, a1], [b, b], groups, metrics=("accuracy", "recall_MEL"),
+                                     n_boot=500, seed=2) == single
+    # each resample's difference is the mean of the runs' paired differences on it
+    mixed = replicated_bootstrap_diff(y_true, [a1, a2], [b], groups, n_boot=300, seed=4)["balanced_accuracy"]
+    each = [paired_bootstrap_diff(y_true, y, b, groups, n_boot=300, seed=4)["balanced_accuracy"] for y in (a1, a2)]
+    assert mixed["estimate"] == pytest.approx(np.mean([e["estimate"] for e in each]))
+    assert min(e["low"] for e in each) <= mixed["low"] <= max(e["low"] for e in each)
+    with pytest.raises(ValueError, match="run 1 of side b predicts 99 rows, y_true has 100"):
+        replicated_bootstrap_diff(y_true, [a1], [b, b[:-1]], groups)
+    with pytest.raises(ValueError, match="each side needs at least one run's predictions, got 1 and 0"):
+        replicated_bootstrap_diff(y_true, [a1], [], groups)
 
 
 def test_bootstrap_rejects_unknown_metric():

@@ -275,7 +275,12 @@ def cv(recipe, extra, data_dir, k, split_ref, seed, fold_seed, parallel, logs, d
 @click.option("--no-log", is_flag=True, help="Do not log the comparison as an MLflow run.")
 @friendly_errors
 def cv_compare(run_a, run_b, n_boot, seed, out, no_log):
-    """Pair two `skinml cv` runs made on the same folds: a - b by fold and pooled, with a bootstrap interval."""
+    """Pair two `skinml cv` runs made on the same folds: a - b by fold and pooled, with a bootstrap interval.
+
+    RUN_A and RUN_B may each name several cv runs joined by commas (e.g. one per training seed):
+    that side's figures are then the mean over its runs, and the interval is that of the
+    difference of the means, every run scored on the same resampled patients.
+    """
     from skinml.steps.cv import compare_cv, format_cv_comparison, log_cv_comparison, write_cv_comparison
 
     result = compare_cv(run_a, run_b, n_boot=n_boot, seed=seed)

@@ -4,7 +4,13 @@ Nothing here loads models or talks to MLflow; callers pass labels, probabilities
 ids, and log the returned dicts, figures and tables wherever they like.
 """
 
-from skinml.evaluation.bootstrap import SUPPORTED_METRICS, bootstrap_ci, flatten_ci, paired_bootstrap_diff
+from skinml.evaluation.bootstrap import (
+    SUPPORTED_METRICS,
+    bootstrap_ci,
+    flatten_ci,
+    paired_bootstrap_diff,
+    replicated_bootstrap_diff,
+)
 from skinml.evaluation.compare import (
     comparison_table,
     metadata_markdown,
@@ -20,6 +26,7 @@ __all__ = [
     "SUPPORTED_METRICS",
     "bootstrap_ci",
     "paired_bootstrap_diff",
+    "replicated_bootstrap_diff",
     "comparison_table",
     "compute_metrics",
     "flatten_ci",

@@ -21,7 +21,7 @@ import numpy as np
 from skinml.data.schema import LABELS
 from skinml.evaluation.metrics import as_indices
 
-__all__ = ["SUPPORTED_METRICS", "bootstrap_ci", "flatten_ci", "paired_bootstrap_diff"]
+__all__ = ["SUPPORTED_METRICS", "bootstrap_ci", "flatten_ci", "paired_bootstrap_diff", "replicated_bootstrap_diff"]
 
 #: Metric names accepted by :func:`bootstrap_ci`, besides ``recall_<LABEL>``.
 SUPPORTED_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
@@ -156,26 +156,58 @@ def paired_bootstrap_diff(
     "n_boot", "alpha"}}``: the two full-data values, their difference, its percentile interval and
     the share of resamples in which ``a`` scores strictly higher.
     """
+    sizes = [np.asarray(y).size for y in (y_true, y_pred_a, y_pred_b)]
+    if len(set(sizes)) > 1:
+        raise ValueError(f"y_true, y_pred_a and y_pred_b differ in length: {', '.join(map(str, sizes))}")
+    return replicated_bootstrap_diff(y_true, [y_pred_a], [y_pred_b], groups, metrics=metrics, n_boot=n_boot,
+                                     alpha=alpha, seed=seed, labels=labels)
+
+
+def replicated_bootstrap_diff(
+    y_true: Any,
+    preds_a: Sequence[Any],
+    preds_b: Sequence[Any],
+    groups: Any,
+    metrics: Iterable[str] = ("balanced_accuracy",),
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    labels: Sequence[str] = LABELS,
+) -> dict[str, dict[str, float]]:
+    """:func:`paired_bootstrap_diff` for two configurations each trained several times (e.g. with
+    different seeds): the difference of the two sides' *mean* metric over their runs.
+
+    ``preds_a`` / ``preds_b``: one prediction array per run of that side, all of the same rows.
+    Every run of both sides is scored on the same resample of patients, and each resample's
+    difference is ``mean_r metric(a_r) - mean_r metric(b_r)``, so the interval covers patient
+    sampling with the seed-to-seed spread averaged out (not the spread itself: that is what the
+    per-run figures show). ``"a"`` and ``"b"`` are the sides' mean full-data values. With one run
+    a side this is exactly :func:`paired_bootstrap_diff`.
+    """
     labels = tuple(labels)
+    if not len(preds_a) or not len(preds_b):
+        raise ValueError(f"each side needs at least one run's predictions, got {len(preds_a)} and {len(preds_b)}")
     yt = as_indices(y_true, labels)
-    ya = as_indices(y_pred_a, labels)
-    yb = as_indices(y_pred_b, labels)
-    if not yt.shape == ya.shape == yb.shape:
-        raise ValueError(f"y_true, y_pred_a and y_pred_b differ in length: {yt.size}, {ya.size}, {yb.size}")
+    sides = [[as_indices(y, labels) for y in preds] for preds in (preds_a, preds_b)]
+    for side, preds in zip("ab", sides):
+        for r, y in enumerate(preds):
+            if y.shape != yt.shape:
+                raise ValueError(f"run {r} of side {side} predicts {y.size} rows, y_true has {yt.size}")
     _check(yt, n_boot, alpha)
     group_idx, n_groups = _group_index(groups, yt.size)
     fns = {name: _metric_fn(name, labels) for name in metrics}
     counts = _draw_counts(n_groups, n_boot, np.random.default_rng(seed))
-    full_a, boot_a = _full_and_boot(_group_confusion(yt, ya, group_idx, n_groups, len(labels)), counts, len(labels))
-    full_b, boot_b = _full_and_boot(_group_confusion(yt, yb, group_idx, n_groups, len(labels)), counts, len(labels))
+    cms = [[_full_and_boot(_group_confusion(yt, y, group_idx, n_groups, len(labels)), counts, len(labels))
+            for y in preds] for preds in sides]
     result: dict[str, dict[str, float]] = {}
     for name, fn in fns.items():
-        a, b = float(fn(full_a)[0]), float(fn(full_b)[0])
-        diff = fn(boot_a) - fn(boot_b)
+        full = [float(np.mean([fn(f)[0] for f, _ in side])) for side in cms]
+        boot = [np.mean([fn(b) for _, b in side], axis=0) for side in cms]
+        diff = boot[0] - boot[1]
         diff = diff[~np.isnan(diff)]
         low, high = np.quantile(diff, [alpha / 2, 1 - alpha / 2]) if diff.size else (np.nan, np.nan)
-        result[name] = {"a": a, "b": b, "estimate": a - b, "low": float(low), "high": float(high),
-                        "p_a_better": float((diff > 0).mean()) if diff.size else float("nan"),
+        result[name] = {"a": full[0], "b": full[1], "estimate": full[0] - full[1], "low": float(low),
+                        "high": float(high), "p_a_better": float((diff > 0).mean()) if diff.size else float("nan"),
                         "n_boot": int(diff.size), "alpha": float(alpha)}
     return result
 

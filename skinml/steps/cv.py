@@ -260,71 +260,129 @@ PAIRED_FIGURES = ("balanced_accuracy", "complete_metadata_balanced_accuracy", "a
 
 @dataclass
 class CVComparison:
-    run_a: str
+    run_a: str  # side a's cv run, or its runs joined by commas (e.g. one per training seed)
     run_b: str
-    names: tuple[str, str]  # how each run is shown: its recipe (or model) and short id
-    folds: pd.DataFrame  # one row per fold: a, b and a - b of each paired figure
-    pooled: dict[str, dict[str, dict[str, float]]]  # {"all"|"complete": paired_bootstrap_diff(...)}
-    mel_found: tuple[int, int, int]  # melanomas found out of fold by a, by b, and their number
-    #: What the two runs were trained with that differs: ``{param: (a's, b's)}`` over the
-    #: ``recipe.*`` params, ``model`` and ``seed`` (None: not logged, e.g. a field added since).
+    names: tuple[str, str]  # how each side is shown: its recipe (or model) and short ids
+    folds: pd.DataFrame  # one row per fold: a, b (each the mean over its side's runs) and a - b
+    pooled: dict[str, dict[str, dict[str, float]]]  # {"all"|"complete": replicated_bootstrap_diff(...)}
+    #: Melanomas found out of fold by a and by b (the mean over each side's runs), and their number.
+    mel_found: tuple[float, float, int]
+    #: What the two sides were trained with that differs: ``{param: (a's, b's)}`` over the
+    #: ``recipe.*`` params, ``model`` and ``seed`` (None: not logged, e.g. a field added since; a
+    #: side whose runs differ shows their values joined by "/").
     differences: dict[str, tuple[str | None, str | None]] = dataclasses.field(default_factory=dict)
 
+    @property
+    def runs_a(self) -> tuple[str, ...]:
+        return tuple(self.run_a.split(","))
 
-def compare_cv(run_a: str, run_b: str, n_boot: int = 2000, seed: int = 0) -> CVComparison:
-    """Pair two ``cv`` runs made on the same folds: fold-by-fold differences, and the pooled
-    out-of-fold difference with a patient bootstrap interval (both models scored on the same
+    @property
+    def runs_b(self) -> tuple[str, ...]:
+        return tuple(self.run_b.split(","))
+
+
+def compare_cv(run_a: str | list[str], run_b: str | list[str], n_boot: int = 2000, seed: int = 0) -> CVComparison:
+    """Pair two ``cv`` configurations made on the same folds: fold-by-fold differences, and the
+    pooled out-of-fold difference with a patient bootstrap interval (both scored on the same
     resampled patients), on all rows and on complete-questionnaire rows.
 
-    The two runs must share the patient-to-fold deal (number of folds, fold seed, base split),
-    which is checked; otherwise their folds hold different patients and nothing pairs.
+    Each side is one cv run or several (a list, or ids joined by commas), e.g. the same recipe
+    cross-validated with different training seeds; a side's figures are then the mean over its
+    runs, and the pooled interval is that of the difference of the two means
+    (:func:`skinml.evaluation.bootstrap.replicated_bootstrap_diff`).
+
+    All runs must share the patient-to-fold deal (number of folds, fold seed, base split), which
+    is checked; otherwise their folds hold different patients and nothing pairs.
     """
-    from skinml.evaluation.bootstrap import paired_bootstrap_diff
+    from skinml.evaluation.bootstrap import replicated_bootstrap_diff
 
-    runs = [_finished_cv_run(run_id) for run_id in (run_a, run_b)]
+    sides = [_run_ids(ids, side) for ids, side in ((run_a, "a"), (run_b, "b"))]
+    runs = [[_finished_cv_run(run_id) for run_id in ids] for ids in sides]
+    everyone = runs[0] + runs[1]
     for name in PAIRING_PARAMS:
-        values = [run.data.params.get(name) for run in runs]
-        if values[0] != values[1]:
-            raise ValueError(f"cv runs {run_a} and {run_b} were not made on the same folds: param {name!r} is "
-                             f"{values[0]!r} vs {values[1]!r}; rerun one with `skinml cv` and the other's "
-                             "--folds, --fold-seed and --split")
-    names = tuple(f"{run.data.tags.get(tracking.TAG_RECIPE) or run.data.params.get('model', '?')} "
-                  f"({run.info.run_id[:8]})" for run in runs)
-    tables = [_cv_artifact(run.info.run_id, "cv_folds.csv") for run in runs]
-    oofs = [_cv_artifact(run.info.run_id, "cv_oof_predictions.csv") for run in runs]
+        for run in everyone[1:]:
+            first, value = everyone[0].data.params.get(name), run.data.params.get(name)
+            if first != value:
+                raise ValueError(f"cv runs {everyone[0].info.run_id} and {run.info.run_id} were not made on the same "
+                                 f"folds: param {name!r} is {first!r} vs {value!r}; rerun one with `skinml cv` and "
+                                 "the other's --folds, --fold-seed and --split")
+    names = tuple(f"{side[0].data.tags.get(tracking.TAG_RECIPE) or side[0].data.params.get('model', '?')} "
+                  f"({', '.join(run.info.run_id[:8] for run in side)})" for side in runs)
 
-    paired = tables[0].merge(tables[1], on="fold", suffixes=("_a", "_b"), validate="one_to_one")
-    if len(paired) != len(tables[0]) or len(paired) != len(tables[1]):
-        raise ValueError(f"cv runs {run_a} and {run_b} do not list the same folds")
-    folds = paired[["fold"]].copy()
+    tables = [[_cv_artifact(run.info.run_id, "cv_folds.csv").set_index("fold") for run in side] for side in runs]
+    folds = pd.DataFrame({"fold": sorted(tables[0][0].index)})
+    for side, side_tables, suffix in zip(runs, tables, ("a", "b")):
+        for run, table in zip(side, side_tables):
+            if sorted(table.index) != list(folds["fold"]):
+                raise ValueError(f"cv runs {everyone[0].info.run_id} and {run.info.run_id} do not list the same folds")
+        present = [name for name in PAIRED_FIGURES if all(name in table for table in side_tables)]
+        mean = sum(table[present] for table in side_tables) / len(side_tables)
+        for name in present:
+            folds[f"{name}_{suffix}"] = mean.loc[folds["fold"], name].to_numpy()
     for name in PAIRED_FIGURES:
-        if f"{name}_a" in paired and f"{name}_b" in paired:
-            folds[f"{name}_a"] = paired[f"{name}_a"]
-            folds[f"{name}_b"] = paired[f"{name}_b"]
-            folds[f"{name}_diff"] = paired[f"{name}_a"] - paired[f"{name}_b"]
+        if f"{name}_a" in folds and f"{name}_b" in folds:
+            folds[f"{name}_diff"] = folds[f"{name}_a"] - folds[f"{name}_b"]
+    folds = folds[["fold"] + [f"{name}_{x}" for name in PAIRED_FIGURES for x in ("a", "b", "diff")
+                              if f"{name}_diff" in folds]]
 
-    keys = [schema.IMAGE_ID, schema.PATIENT_ID, "true", "complete_metadata", "fold"]
-    both = oofs[0].merge(oofs[1], on=keys, how="outer", suffixes=("_a", "_b"), indicator=True, validate="one_to_one")
-    unmatched = both[both["_merge"] != "both"]
-    if len(unmatched):
-        raise ValueError(f"cv runs {run_a} and {run_b} predicted different out-of-fold rows (e.g. image "
-                         f"{unmatched[schema.IMAGE_ID].iloc[0]!r}, fold or patient differs): not the same folds")
+    oof, predicted = _aligned_oof(everyone)
+    preds = predicted[:len(runs[0])], predicted[len(runs[0]):]
     pooled = {}
-    for subset, rows in (("all", np.ones(len(both), dtype=bool)), ("complete", both["complete_metadata"].to_numpy(bool))):
+    for subset, rows in (("all", np.ones(len(oof), dtype=bool)), ("complete", oof["complete_metadata"].to_numpy(bool))):
         if rows.any():
-            part = both[rows]
-            pooled[subset] = paired_bootstrap_diff(part["true"], part["predicted_a"], part["predicted_b"],
-                                                   part[schema.PATIENT_ID],
-                                                   metrics=("balanced_accuracy", "accuracy", "recall_MEL"),
-                                                   n_boot=n_boot, seed=seed)
-    mel = both["true"] == "MEL"
-    mel_found = (int((mel & (both["predicted_a"] == "MEL")).sum()), int((mel & (both["predicted_b"] == "MEL")).sum()),
-                 int(mel.sum()))
-    logged = [run.data.params for run in runs]
-    keys = sorted({key for params in logged for key in params if key.startswith("recipe.") or key in ("model", "seed")})
-    differences = {key: (logged[0].get(key), logged[1].get(key)) for key in keys
-                   if logged[0].get(key) != logged[1].get(key)}
-    return CVComparison(runs[0].info.run_id, runs[1].info.run_id, names, folds, pooled, mel_found, differences)
+            pooled[subset] = replicated_bootstrap_diff(oof["true"][rows], [p[rows] for p in preds[0]],
+                                                       [p[rows] for p in preds[1]], oof[schema.PATIENT_ID][rows],
+                                                       metrics=("balanced_accuracy", "accuracy", "recall_MEL"),
+                                                       n_boot=n_boot, seed=seed)
+    mel = (oof["true"] == "MEL").to_numpy()
+    found = [float(np.mean([(mel & (p == "MEL")).sum() for p in side])) for side in preds]
+    mel_found = (found[0], found[1], int(mel.sum()))
+
+    logged = [[run.data.params for run in side] for side in runs]
+    keys = sorted({key for side in logged for params in side for key in params
+                   if key.startswith("recipe.") or key in ("model", "seed")})
+    differences = {}
+    for key in keys:
+        values = [_side_value([params.get(key) for params in side]) for side in logged]
+        if values[0] != values[1]:
+            differences[key] = tuple(values)
+    return CVComparison(",".join(r.info.run_id for r in runs[0]), ",".join(r.info.run_id for r in runs[1]),
+                        names, folds, pooled, mel_found, differences)
+
+
+def _run_ids(ids: str | list[str], side: str) -> list[str]:
+    out = [i.strip() for i in (ids.split(",") if isinstance(ids, str) else ids)]
+    if not out or not all(out):
+        raise ValueError(f"side {side} of the comparison names no cv run: {ids!r}")
+    if len(set(out)) < len(out):
+        raise ValueError(f"side {side} names a cv run twice: {ids!r}")
+    return out
+
+
+def _side_value(values: list[str | None]) -> str | None:
+    """One side's value of a param: the value its runs share, or their values joined by "/"."""
+    if len(set(values)) == 1:
+        return values[0]
+    return "/".join("(not logged)" if v is None else v for v in values)
+
+
+def _aligned_oof(runs: list[mlflow.entities.Run]) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """The out-of-fold rows every run predicted (image, patient, truth, fold) and each run's
+    predicted labels for them, in the same row order; refused if the runs predicted other rows."""
+    keys = [schema.IMAGE_ID, schema.PATIENT_ID, "true", "complete_metadata", "fold"]
+    oofs = [_cv_artifact(run.info.run_id, "cv_oof_predictions.csv") for run in runs]
+    first = oofs[0][keys + ["predicted"]].sort_values(schema.IMAGE_ID, kind="stable").reset_index(drop=True)
+    predicted = [first["predicted"].to_numpy()]
+    for run, oof in zip(runs[1:], oofs[1:]):
+        both = first[keys].merge(oof[keys + ["predicted"]], on=keys, how="outer", indicator=True, validate="one_to_one")
+        unmatched = both[both["_merge"] != "both"]
+        if len(unmatched):
+            raise ValueError(f"cv runs {runs[0].info.run_id} and {run.info.run_id} predicted different out-of-fold rows "
+                             f"(e.g. image {unmatched[schema.IMAGE_ID].iloc[0]!r}, fold or patient differs): not the "
+                             "same folds")
+        aligned = first[keys].merge(oof[keys + ["predicted"]], on=keys, how="left", validate="one_to_one")
+        predicted.append(aligned["predicted"].to_numpy())
+    return first[keys], predicted
 
 
 def _finished_cv_run(run_id: str) -> mlflow.entities.Run:
@@ -345,7 +403,9 @@ def format_cv_comparison(result: CVComparison) -> str:
     a, b = result.names
     shown = [f"{key.removeprefix('recipe.')} {'(not logged)' if va is None else va} vs "
              f"{'(not logged)' if vb is None else vb}" for key, (va, vb) in result.differences.items()]
-    lines = [f"paired cross-validation: a = {a}, b = {b} (same patient folds)",
+    several = len(result.runs_a) > 1 or len(result.runs_b) > 1
+    lines = [f"paired cross-validation: a = {a}, b = {b} (same patient folds)"
+             + ("; each side's figures are the mean over its runs" if several else ""),
              f"  trained with: {'; '.join(shown)}" if shown else "  trained with: the same recipe, model and seed",
              f"  {'fold':<6}{'bal. acc a':>12}{'b':>8}{'a - b':>8}{'complete q. a':>15}{'b':>8}{'a - b':>8}"]
     f = result.folds
@@ -365,7 +425,8 @@ def format_cv_comparison(result: CVComparison) -> str:
                          f"[{ba['low']:+.3f}, {ba['high']:+.3f}] (95% patient bootstrap, a ahead in "
                          f"{100 * ba['p_a_better']:.0f}% of resamples)")
     found_a, found_b, n_mel = result.mel_found
-    lines.append(f"  melanomas found out of fold: a {found_a} of {n_mel}, b {found_b} of {n_mel}")
+    lines.append(f"  melanomas found out of fold{' (mean over runs)' if several else ''}: a {found_a:g} of {n_mel}, "
+                 f"b {found_b:g} of {n_mel}")
     return "\n".join(lines)
 
 
@@ -387,7 +448,8 @@ def log_cv_comparison(result: CVComparison, n_boot: int, seed: int) -> str:
     """Log the comparison as a ``cv-compare`` run (params: both runs; metrics: the pooled a - b
     with its interval per subset; artifacts: both CSVs), so it sits beside the cv runs in the UI."""
     tags = {"skinml.cv_run_a": result.run_a, "skinml.cv_run_b": result.run_b}
-    with tracking.start_run("cv-compare", run_name=f"cv-compare-{result.run_a[:8]}-{result.run_b[:8]}",
+    short = ["+".join(run_id[:8] for run_id in ids) for ids in (result.runs_a, result.runs_b)]
+    with tracking.start_run("cv-compare", run_name=f"cv-compare-{short[0]}-{short[1]}",
                             tags=tags) as run:
         tracking.log_params({"run_a": result.run_a, "run_b": result.run_b, "name_a": result.names[0],
                              "name_b": result.names[1], "n_boot": n_boot, "bootstrap_seed": seed})
