@@ -380,8 +380,7 @@ def _aligned_oof(runs: list[mlflow.entities.Run]) -> tuple[pd.DataFrame, list[np
             raise ValueError(f"cv runs {runs[0].info.run_id} and {run.info.run_id} predicted different out-of-fold rows "
                              f"(e.g. image {unmatched[schema.IMAGE_ID].iloc[0]!r}, fold or patient differs): not the "
                              "same folds")
-        aligned = first[keys].merge(oof[keys + ["predicted"]], on=keys, how="left", validate="one_to_one")
-        predicted.append(aligned["predicted"].to_numpy())
+        predicted.append(both.set_index(schema.IMAGE_ID).loc[first[schema.IMAGE_ID], "predicted"].to_numpy())
     return first[keys], predicted
 
 
