@@ -13,10 +13,12 @@ import warnings
 MODEL_NAMES: tuple[str, ...] = ("cnn_fusion", "spatial_fusion", "image_only", "metadata_only")
 MODEL_FAMILIES: tuple[str, ...] = ("fusion", "baseline")
 
-#: Recipe presets: ``default`` (chosen on validation), ``default_lite2`` (it on Lite2 at 260 px),
-#: ``default_lite2_224`` (it on Lite2 at 224 px), ``default_v1`` (the first default) and
+#: Recipe presets: ``default`` (``default_v2`` with mixup, chosen by cross-validation),
+#: ``default_v2`` (the previous default, chosen on validation), ``default_lite2`` (it on Lite2 at
+#: 260 px), ``default_lite2_224`` (it on Lite2 at 224 px), ``default_v1`` (the first default) and
 #: ``original`` (the status report's).
-RECIPE_PRESETS: tuple[str, ...] = ("default", "default_lite2", "default_lite2_224", "default_v1", "original")
+RECIPE_PRESETS: tuple[str, ...] = (
+    "default", "default_v2", "default_lite2", "default_lite2_224", "default_v1", "original")
 IMBALANCE_CHOICES: tuple[str, ...] = ("sampler", "loss", "both", "none")
 METADATA_ENCODINGS: tuple[str, ...] = ("ordinal", "onehot")
 #: Where training augments: per image in DataLoader workers, or per batch on the training device.

@@ -134,7 +134,7 @@ def test_only_the_chosen_recipe_takes_the_alias(mlflow_store, tiny_training):
 def test_either_chosen_recipe_takes_the_alias_when_better(mlflow_store, tiny_training):
     from skinml.steps.main import CHAMPION_RECIPES
 
-    assert CHAMPION_RECIPES == ("default", "default_lite2", "default_lite2_224")
+    assert CHAMPION_RECIPES == ("default", "default_v2", "default_lite2", "default_lite2_224")
     default = _finished_training(tiny_training.checkpoint, 0.50, "default")
     lite2 = _finished_training(tiny_training.checkpoint, 0.60, "default_lite2")
     worse = _finished_training(tiny_training.checkpoint, 0.55, "default_lite2")
@@ -146,7 +146,7 @@ def test_either_chosen_recipe_takes_the_alias_when_better(mlflow_store, tiny_tra
     assert not held["alias_moved"] and held["champion_version"] == info["version"]
     refused = registry.register_run(original, name="m", champion_recipe=CHAMPION_RECIPES)
     assert not refused["alias_moved"] and refused["champion_version"] == info["version"]
-    assert "is not the validation-chosen one of 'default', 'default_lite2', 'default_lite2_224'" in refused["reason"]
+    assert "is not the validation-chosen one of 'default', 'default_v2', 'default_lite2', 'default_lite2_224'" in refused["reason"]
     small = _finished_training(tiny_training.checkpoint, 0.65, "default_lite2_224")  # better: takes it
     taken = registry.register_run(small, name="m", champion_recipe=CHAMPION_RECIPES)
     assert taken["alias_moved"] and taken["champion_version"] == taken["version"]

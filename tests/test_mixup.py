@@ -10,7 +10,7 @@ from torch import nn
 
 from skinml.steps.train import train
 from skinml.training.mixup import MixedBatch, Mixup
-from skinml.training.recipe import resolve_recipe
+from skinml.training.recipe import PRESETS, resolve_recipe
 from tests.test_training import tiny
 
 
@@ -61,9 +61,12 @@ def test_mixed_loss_blends_the_criterion_on_both_targets():
     assert Mixup.loss(criterion, logits, target, whole).item() == pytest.approx(criterion(logits, target).item())
 
 
-def test_mixup_alpha_is_checked_and_off_by_default():
-    assert resolve_recipe("default").mixup_alpha == 0.0
+def test_mixup_alpha_is_checked_and_on_only_in_the_default_preset():
+    assert resolve_recipe("default").mixup_alpha == 0.2
+    assert {name: resolve_recipe(name).mixup_alpha for name in PRESETS if name != "default"} == \
+        dict.fromkeys(set(PRESETS) - {"default"}, 0.0)
     assert resolve_recipe("default", mixup_alpha="0.4").mixup_alpha == 0.4
+    assert resolve_recipe("default", mixup_alpha="0").mixup_alpha == 0.0
     with pytest.raises(ValueError, match=r"mixup_alpha must be >= 0"):
         resolve_recipe("default", mixup_alpha=-0.1)
     with pytest.raises(ValueError, match=r"mixup_alpha must be > 0"):

@@ -113,8 +113,9 @@ def recipe_options(func):
     options = [
         click.option("--recipe", default="default", show_default=True, callback=recipe_name,
                      type=choice(constants.RECIPE_PRESETS, deprecated=constants.DEPRECATED_RECIPE_NAMES, optional=True),
-                     help="Preset: default (chosen on validation), default_lite2 (default on Lite2 at 260 px), "
-                          "default_lite2_224 (default on Lite2 at 224 px), "
+                     help="Preset: default (default_v2 with mixup, chosen by cross-validation), default_v2 "
+                          "(the previous default, chosen on validation), default_lite2 (default_v2 on "
+                          "Lite2 at 260 px), default_lite2_224 (default_v2 on Lite2 at 224 px), "
                           "default_v1 (the first default) or original (the status report's)."),
         click.option("--model", default="cnn_fusion", show_default=True, type=click.Choice(constants.MODEL_NAMES)),
         click.option("--backbone", default=None, callback=empty_to_none, help="timm backbone name."),
