@@ -3,9 +3,9 @@
 ``original`` reproduces the original status report's recipe exactly (it was called ``seed``,
 which still works for one release). ``default_v1`` differs in the two places where evidence on
 the shared subset's validation split says the original hurts: one imbalance correction (loss
-weights) instead of two, and a backbone learning rate of 1e-4 instead of 1e-5. ``default`` adds
-what the model-quality work chose on validation (README, "Default recipe"); that recipe is
-``default_v2``, and ``default`` is it trained on mixup blends, chosen by cross-validation.
+weights) instead of two, and a backbone learning rate of 1e-4 instead of 1e-5. ``default_v2``
+adds what the model-quality work chose on validation, and ``default`` is ``default_v2`` trained
+on mixup blends, chosen by cross-validation (README, "Recipes").
 """
 
 from __future__ import annotations
@@ -131,15 +131,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr_backbone": 1e-4,
     },
     # The model-quality issue's recipe (the default from 2026-11-29 to 2026-11-30), chosen on
-    # validation over seeds (README, "Default recipe"): default_v1 plus one-hot metadata with missingness indicators and questionnaire
-    # dropout (p=0.5), so the model cannot live on "missing questionnaire => benign";
-    # augmentation batched on the training device (same distribution, 1.8x faster end to end on a
-    # 2-core CPU). One geometry for training and evaluation: training sees the whole photo at the
-    # model's input size (augment.resize=0: no random crop; flips, rotation, affine, colour, blur
-    # and erasing stay), as evaluation and serving do (the "squash" view). Validation preferred
-    # this, over five seeds, to training on random crops of a larger decode (the recipe before
-    # 2026-11-29) and to evaluating at the crop scale (eval_view="crop"). The Lite2 presets
-    # below are it on Lite2.
+    # validation over seeds (README, "Recipes"): default_v1 plus one-hot metadata with
+    # missingness indicators and questionnaire dropout (p=0.5), so the model cannot live on
+    # "missing questionnaire => benign"; augmentation batched on the training device (same
+    # distribution, 1.8x faster end to end on a 2-core CPU). One geometry for training and
+    # evaluation: training sees the whole photo at the model's input size (augment.resize=0: no
+    # random crop; flips, rotation, affine, colour, blur and erasing stay), as evaluation and
+    # serving do (the "squash" view). Validation preferred this, over five seeds, to training on
+    # random crops of a larger decode (the recipe before 2026-11-29) and to evaluating at the crop
+    # scale (eval_view="crop"). The Lite2 presets below are it on Lite2.
     "default_v2": {
         "imbalance": "loss",
         "lr_backbone": 1e-4,
