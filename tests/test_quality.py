@@ -305,31 +305,31 @@ def test_default_preset_is_the_previous_default_with_mixup():
 def test_default_v2_preset_is_the_recipe_chosen_on_validation():
     from skinml.steps.train import recipe_overrides
 
-    default, v1 = resolve_recipe("default_v2"), resolve_recipe("default_v1")
-    assert (default.metadata_encoding, default.missing_indicators, default.questionnaire_dropout,
-            default.eval_view, default.augment_device) == ("onehot", True, 0.5, "squash", "batch")
-    assert (default.imbalance, default.lr_backbone) == (v1.imbalance, v1.lr_backbone) == ("loss", 1e-4)
+    v2, v1 = resolve_recipe("default_v2"), resolve_recipe("default_v1")
+    assert (v2.metadata_encoding, v2.missing_indicators, v2.questionnaire_dropout,
+            v2.eval_view, v2.augment_device) == ("onehot", True, 0.5, "squash", "batch")
+    assert (v2.imbalance, v2.lr_backbone) == (v1.imbalance, v1.lr_backbone) == ("loss", 1e-4)
     # one geometry: training decodes the whole photo at the model's input size, no random crop
-    assert default.augment.resize == 0 and default.train_decode_size == default.image_size == 224
+    assert v2.augment.resize == 0 and v2.train_decode_size == v2.image_size == 224
     assert resolve_recipe("default_v2", image_size=240).train_decode_size == 240  # larger backbones too
-    assert recipe_overrides(default) == []
+    assert recipe_overrides(v2) == []
     # the first candidate runs were trained as default_v1 plus these overrides (random 224 crops of
     # a 257-px decode); they selected their epoch on the crop view and were scored both ways
     candidate = resolve_recipe("default_v1", metadata_encoding="onehot", missing_indicators="true",
                                questionnaire_dropout="0.5", augment_device="batch", eval_view="crop")
-    differ = {k for k, v in candidate.flat().items() if k != "preset" and default.flat()[k] != v}
+    differ = {k for k, v in candidate.flat().items() if k != "preset" and v2.flat()[k] != v}
     assert differ == {"eval_view", "augment.resize"} and candidate.augment.resize == 257
-    # the previous default (README, "Results": "(2) previous default", random crops) is one override away
+    # the default before it (README, "Results": "(2) previous default", random crops) is one override away
     previous = resolve_recipe("default_v2", augment_resize=257)
-    assert {k for k, v in previous.flat().items() if default.flat()[k] != v} == {"augment.resize"}
+    assert {k for k, v in previous.flat().items() if v2.flat()[k] != v} == {"augment.resize"}
 
 
 def test_lite2_preset_is_the_default_on_lite2_at_its_native_size():
     from skinml.steps.train import recipe_overrides
 
-    default, lite2 = resolve_recipe("default_v2"), resolve_recipe("default_lite2")
+    v2, lite2 = resolve_recipe("default_v2"), resolve_recipe("default_lite2")
     assert (lite2.backbone, lite2.image_size, lite2.train_decode_size) == ("efficientnet_lite2", 260, 260)
-    assert {k for k, v in lite2.flat().items() if default.flat()[k] != v} == {"preset", "backbone", "image_size"}
+    assert {k for k, v in lite2.flat().items() if v2.flat()[k] != v} == {"preset", "backbone", "image_size"}
     assert recipe_overrides(lite2) == []
     # the validation runs were `--recipe default --backbone efficientnet_lite2 --set image_size=260`
     # when default was today's default_v2
@@ -340,9 +340,9 @@ def test_lite2_preset_is_the_default_on_lite2_at_its_native_size():
 def test_lite2_224_preset_is_the_lite2_preset_at_lite0s_size():
     from skinml.steps.train import recipe_overrides
 
-    default, lite2, small = (resolve_recipe(name) for name in ("default_v2", "default_lite2", "default_lite2_224"))
+    v2, lite2, small = (resolve_recipe(name) for name in ("default_v2", "default_lite2", "default_lite2_224"))
     assert (small.backbone, small.image_size, small.train_decode_size) == ("efficientnet_lite2", 224, 224)
-    assert {k for k, v in small.flat().items() if default.flat()[k] != v} == {"preset", "backbone"}
+    assert {k for k, v in small.flat().items() if v2.flat()[k] != v} == {"preset", "backbone"}
     assert {k for k, v in small.flat().items() if lite2.flat()[k] != v} == {"preset", "image_size"}
     assert recipe_overrides(small) == []
     # the validation runs were `--recipe default_lite2 --set image_size=224`
