@@ -3,7 +3,7 @@
 - :mod:`skinml.cli.data`: ``split``, ``synth``
 - :mod:`skinml.cli.training`: ``train``, ``main``, ``study``, ``sweep``, ``cv``, ``cv-compare``, ``models``,
   ``benchmark-train``
-- :mod:`skinml.cli.evaluation`: ``evaluate``, ``compare``
+- :mod:`skinml.cli.evaluation`: ``evaluate``, ``compare``, ``eval-compare``, ``ensemble``
 - :mod:`skinml.cli.serving`: ``register``, ``predict``, ``score``, ``benchmark-serving``
 - :mod:`skinml.cli.explain`: ``explain`` (heatmap overlay + metadata contributions for one photo)
 - :mod:`skinml.cli.app`: ``app`` (the demo page), ``app-calibrate``
@@ -24,7 +24,7 @@ import click
 _COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("skinml.cli.data", ("split", "synth")),
     ("skinml.cli.training", ("train", "main_pipeline", "study", "sweep", "cv", "cv_compare", "list_models", "benchmark_train")),
-    ("skinml.cli.evaluation", ("evaluate", "compare", "ensemble")),
+    ("skinml.cli.evaluation", ("evaluate", "compare", "eval_compare", "ensemble")),
     ("skinml.cli.serving", ("register", "predict", "score", "benchmark_serving")),
     ("skinml.cli.explain", ("explain",)),
     ("skinml.cli.app", ("app", "app_calibrate")),

@@ -1,4 +1,5 @@
-"""``skinml evaluate`` and ``skinml compare``: scoring training runs on their own split."""
+"""``skinml evaluate``, ``skinml compare``, ``skinml eval-compare`` and ``skinml ensemble``: scoring
+training runs on their own split."""
 
 from __future__ import annotations
 
@@ -67,3 +68,25 @@ def ensemble(run_ids, tta, data_dir, device, view, run_name):
     from skinml.steps.ensemble import build_ensemble
 
     build_ensemble(run_ids.split(","), tta=tta, data_dir=data_dir, device=device, run_name=run_name, view=view)
+
+
+@click.command("eval-compare")
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--split", "split_name", default="test", show_default=True, type=click.Choice(constants.EVALUATION_SPLITS),
+              help="Whose `skinml evaluate` predictions to pair.")
+@click.option("--n-boot", default=2000, show_default=True, type=click.IntRange(1), help="Patient bootstrap resamples.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
+@friendly_errors
+def eval_compare(run_a, run_b, split_name, n_boot, seed):
+    """Pair two evaluated configurations on one split: a - b with a patient bootstrap interval.
+
+    RUN_A and RUN_B may each name several training (or ensemble) runs joined by commas, e.g. the
+    five seeds of a recipe: that side's figure is then the mean over its runs, and the interval
+    is that of the difference of the means, every run scored on the same resampled patients;
+    on all rows and on complete-questionnaire rows. Each run must have been evaluated on the
+    split (`skinml evaluate --run-id RUN [--split val]`).
+    """
+    from skinml.steps.compare import compare_evaluations, format_paired_evaluation
+
+    click.echo(format_paired_evaluation(compare_evaluations(run_a, run_b, split=split_name, n_boot=n_boot, seed=seed)))

@@ -1,16 +1,20 @@
-"""Compare evaluated training runs from MLflow: the research question's table and figure."""
+"""Compare evaluated training runs from MLflow: the research question's table and figure, and
+paired differences of two configurations on one split (``skinml eval-compare``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import tempfile
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 
 from skinml import tracking
+from skinml.data import schema
 from skinml.evaluation.compare import (
     comparison_table,
     metadata_markdown,
@@ -121,3 +125,104 @@ def compare_runs(run_ids: list[str] | None = None, experiments: list[str] | None
     print(results_markdown(table))
     print(f"wrote {out_dir}/results.md, comparison.md, comparison.csv, runs.csv, comparison.png")
     return table, per_run
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedEvaluation:
+    """Two configurations' evaluations of one split, paired row by row (``compare_evaluations``)."""
+
+    split: str
+    runs_a: tuple[str, ...]
+    runs_b: tuple[str, ...]
+    n_rows: dict[str, int]  # {"all"|"complete": rows scored}
+    paired: dict[str, dict[str, dict[str, float]]]  # {"all"|"complete": replicated_bootstrap_diff(...)}
+
+
+def compare_evaluations(run_a: str | list[str], run_b: str | list[str], split: str = "test", n_boot: int = 2000,
+                        seed: int = 0) -> PairedEvaluation:
+    """Pair the ``skinml evaluate`` predictions of two configurations on the same split's rows.
+
+    Each side is one training (or ensemble) run or several (a list, or ids joined by commas),
+    e.g. the seeds of a recipe; its figure is the mean over its runs, and the interval is that
+    of the difference of the two means, every run scored on the same resampled patients
+    (:func:`skinml.evaluation.bootstrap.replicated_bootstrap_diff`), on all rows and on
+    complete-questionnaire rows. All runs must have predicted the same rows (same split).
+    """
+    from skinml.evaluation.bootstrap import replicated_bootstrap_diff
+
+    sides = [side_run_ids(ids, side, "run") for ids, side in ((run_a, "a"), (run_b, "b"))]
+    everyone = sides[0] + sides[1]
+    frames = [_evaluation_predictions(run_id, split) for run_id in everyone]
+    rows, predicted = aligned_predictions(frames, everyone, EVAL_ROW_KEYS, f"{split} rows",
+                                          "patient or label differs): not the same split")
+    preds = predicted[:len(sides[0])], predicted[len(sides[0]):]
+    paired, n_rows = {}, {}
+    for subset, mask in (("all", np.ones(len(rows), dtype=bool)), ("complete", rows["complete_metadata"].to_numpy(bool))):
+        n_rows[subset] = int(mask.sum())
+        if mask.any():
+            paired[subset] = replicated_bootstrap_diff(rows["true"][mask], [p[mask] for p in preds[0]],
+                                                       [p[mask] for p in preds[1]], rows[schema.PATIENT_ID][mask],
+                                                       metrics=("balanced_accuracy", "recall_MEL"), n_boot=n_boot,
+                                                       seed=seed)
+    return PairedEvaluation(split, tuple(sides[0]), tuple(sides[1]), n_rows, paired)
+
+
+def format_paired_evaluation(result: PairedEvaluation) -> str:
+    names = [f"{len(ids)} run(s): {', '.join(i[:8] for i in ids)}" for ids in (result.runs_a, result.runs_b)]
+    lines = [f"{result.split} split", f"  a = {names[0]}", f"  b = {names[1]}",
+             "(a side's figure is the mean over its runs; interval: paired patient bootstrap of a - b)", "",
+             f"  {'rows':<10}{'n':>5}  {'metric':<19}{'a':>7}{'b':>7}{'a - b':>8}  {'95% interval':<18}{'a ahead':>8}"]
+    for subset, metrics in result.paired.items():
+        for metric, r in metrics.items():
+            if np.isnan(r["estimate"]):
+                continue
+            lines.append(f"  {subset:<10}{result.n_rows[subset]:>5}  {metric:<19}{r['a']:>7.3f}{r['b']:>7.3f}"
+                         f"{r['estimate']:>+8.3f}  [{r['low']:+.3f}, {r['high']:+.3f}]  {r['p_a_better']:>7.0%}")
+    return "\n".join(lines)
+
+
+#: The row identity every paired evaluation must share: image, patient, label and questionnaire.
+EVAL_ROW_KEYS = [schema.IMAGE_ID, schema.PATIENT_ID, "true", "complete_metadata"]
+
+
+def side_run_ids(ids: str | list[str], side: str, what: str) -> list[str]:
+    """One side of a comparison: run ids from a list or a comma-joined string, none empty or repeated."""
+    out = [i.strip() for i in (ids.split(",") if isinstance(ids, str) else ids)]
+    if not out or not all(out):
+        raise ValueError(f"side {side} of the comparison names no {what}: {ids!r}")
+    if len(set(out)) < len(out):
+        raise ValueError(f"side {side} names a {what} twice: {ids!r}")
+    return out
+
+
+def aligned_predictions(frames: list[pd.DataFrame], run_ids: list[str], keys: list[str], what: str,
+                        hint: str) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """The rows every run predicted (``keys``) and each run's predicted labels for them, in the
+    same row order; refused, naming both runs and an image, if the runs predicted other rows."""
+    first = frames[0][keys + ["predicted"]].sort_values(schema.IMAGE_ID, kind="stable").reset_index(drop=True)
+    predicted = [first["predicted"].to_numpy()]
+    for run_id, frame in zip(run_ids[1:], frames[1:]):
+        both = first[keys].merge(frame[keys + ["predicted"]], on=keys, how="outer", indicator=True,
+                                 validate="one_to_one")
+        unmatched = both[both["_merge"] != "both"]
+        if len(unmatched):
+            raise ValueError(f"runs {run_ids[0]} and {run_id} predicted different {what} "
+                             f"(e.g. image {unmatched[schema.IMAGE_ID].iloc[0]!r}, {hint}")
+        predicted.append(both.set_index(schema.IMAGE_ID).loc[first[schema.IMAGE_ID], "predicted"].to_numpy())
+    return first[keys], predicted
+
+
+def _evaluation_predictions(run_id: str, split: str) -> pd.DataFrame:
+    tracking.setup_tracking()
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ValueError(f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}") from exc
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                   artifact_path=f"evaluation/{split}/predictions.csv")
+    except (mlflow.exceptions.MlflowException, OSError) as exc:
+        flag = "" if split == "test" else f" --split {split}"
+        raise ValueError(f"run {run_id} has no evaluation of its {split} split (evaluation/{split}/predictions.csv): "
+                         f"run `skinml evaluate --run-id {run_id}{flag}` first") from exc
+    return pd.read_csv(path)

@@ -33,6 +33,7 @@ from skinml import tracking
 from skinml.data import schema
 from skinml.data.split import fold_manifest, manifest_hash, patient_folds, write_manifest
 from skinml.evaluation.metrics import compute_metrics
+from skinml.steps.compare import aligned_predictions, side_run_ids
 from skinml.training.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -296,7 +297,7 @@ def compare_cv(run_a: str | list[str], run_b: str | list[str], n_boot: int = 200
     """
     from skinml.evaluation.bootstrap import replicated_bootstrap_diff
 
-    sides = [_run_ids(ids, side) for ids, side in ((run_a, "a"), (run_b, "b"))]
+    sides = [side_run_ids(ids, side, "cv run") for ids, side in ((run_a, "a"), (run_b, "b"))]
     runs = [[_finished_cv_run(run_id) for run_id in ids] for ids in sides]
     everyone = runs[0] + runs[1]
     for name in PAIRING_PARAMS:
@@ -350,15 +351,6 @@ def compare_cv(run_a: str | list[str], run_b: str | list[str], n_boot: int = 200
                         names, folds, pooled, mel_found, differences)
 
 
-def _run_ids(ids: str | list[str], side: str) -> list[str]:
-    out = [i.strip() for i in (ids.split(",") if isinstance(ids, str) else ids)]
-    if not out or not all(out):
-        raise ValueError(f"side {side} of the comparison names no cv run: {ids!r}")
-    if len(set(out)) < len(out):
-        raise ValueError(f"side {side} names a cv run twice: {ids!r}")
-    return out
-
-
 def _side_value(values: list[str | None]) -> str | None:
     """One side's value of a param: the value its runs share, or their values joined by "/"."""
     if len(set(values)) == 1:
@@ -371,17 +363,8 @@ def _aligned_oof(runs: list[mlflow.entities.Run]) -> tuple[pd.DataFrame, list[np
     predicted labels for them, in the same row order; refused if the runs predicted other rows."""
     keys = [schema.IMAGE_ID, schema.PATIENT_ID, "true", "complete_metadata", "fold"]
     oofs = [_cv_artifact(run.info.run_id, "cv_oof_predictions.csv") for run in runs]
-    first = oofs[0][keys + ["predicted"]].sort_values(schema.IMAGE_ID, kind="stable").reset_index(drop=True)
-    predicted = [first["predicted"].to_numpy()]
-    for run, oof in zip(runs[1:], oofs[1:]):
-        both = first[keys].merge(oof[keys + ["predicted"]], on=keys, how="outer", indicator=True, validate="one_to_one")
-        unmatched = both[both["_merge"] != "both"]
-        if len(unmatched):
-            raise ValueError(f"cv runs {runs[0].info.run_id} and {run.info.run_id} predicted different out-of-fold rows "
-                             f"(e.g. image {unmatched[schema.IMAGE_ID].iloc[0]!r}, fold or patient differs): not the "
-                             "same folds")
-        predicted.append(both.set_index(schema.IMAGE_ID).loc[first[schema.IMAGE_ID], "predicted"].to_numpy())
-    return first[keys], predicted
+    return aligned_predictions(oofs, [run.info.run_id for run in runs], keys, "out-of-fold rows",
+                               "fold or patient differs): not the same folds")
 
 
 def _finished_cv_run(run_id: str) -> mlflow.entities.Run:
