@@ -127,6 +127,10 @@ def compare_runs(run_ids: list[str] | None = None, experiments: list[str] | None
     return table, per_run
 
 
+#: The row identity every paired evaluation must share: image, patient, label and questionnaire.
+EVAL_ROW_KEYS = [schema.IMAGE_ID, schema.PATIENT_ID, "true", "complete_metadata"]
+
+
 @dataclasses.dataclass(frozen=True)
 class PairedEvaluation:
     """Two configurations' evaluations of one split, paired row by row (``compare_evaluations``)."""
@@ -152,6 +156,7 @@ def compare_evaluations(run_a: str | list[str], run_b: str | list[str], split: s
 
     sides = [side_run_ids(ids, side, "run") for ids, side in ((run_a, "a"), (run_b, "b"))]
     everyone = sides[0] + sides[1]
+    tracking.setup_tracking()
     frames = [_evaluation_predictions(run_id, split) for run_id in everyone]
     rows, predicted = aligned_predictions(frames, everyone, EVAL_ROW_KEYS, f"{split} rows",
                                           "patient or label differs): not the same split")
@@ -180,9 +185,6 @@ def format_paired_evaluation(result: PairedEvaluation) -> str:
                          f"{r['estimate']:>+8.3f}  [{r['low']:+.3f}, {r['high']:+.3f}]  {r['p_a_better']:>7.0%}")
     return "\n".join(lines)
 
-
-#: The row identity every paired evaluation must share: image, patient, label and questionnaire.
-EVAL_ROW_KEYS = [schema.IMAGE_ID, schema.PATIENT_ID, "true", "complete_metadata"]
 
 
 def side_run_ids(ids: str | list[str], side: str, what: str) -> list[str]:
@@ -213,7 +215,6 @@ def aligned_predictions(frames: list[pd.DataFrame], run_ids: list[str], keys: li
 
 
 def _evaluation_predictions(run_id: str, split: str) -> pd.DataFrame:
-    tracking.setup_tracking()
     try:
         run = mlflow.MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException as exc:
