@@ -74,7 +74,7 @@ def test_eval_compare_refuses_runs_it_cannot_pair(mlflow_store):
     a, b = _evaluated(truth, (1,)), _evaluated(truth, (2,))
     other = _evaluated(truth.iloc[:-2], (2,))  # a patient fewer: another split
     with pytest.raises(ValueError, match=rf"runs {a} and {other} predicted different test rows \(e.g. image "
-                                         r"'PAT_39_7[89].png', patient or label differs\): not the same split"):
+                                         r"'PAT_39_7[89].png'\): its patient or label differs: not the same split"):
         compare_evaluations(a, other)
     with pytest.raises(ValueError, match=rf"run {a} has no evaluation of its val split .*`skinml evaluate --run-id "
                                          rf"{a} --split val` first"):

@@ -159,7 +159,7 @@ def compare_evaluations(run_a: str | list[str], run_b: str | list[str], split: s
     tracking.setup_tracking()
     frames = [_evaluation_predictions(run_id, split) for run_id in everyone]
     rows, predicted = aligned_predictions(frames, everyone, EVAL_ROW_KEYS, f"{split} rows",
-                                          "patient or label differs): not the same split")
+                                          "its patient or label differs: not the same split")
     preds = predicted[:len(sides[0])], predicted[len(sides[0]):]
     paired, n_rows = {}, {}
     for subset, mask in (("all", np.ones(len(rows), dtype=bool)), ("complete", rows["complete_metadata"].to_numpy(bool))):
@@ -186,7 +186,6 @@ def format_paired_evaluation(result: PairedEvaluation) -> str:
     return "\n".join(lines)
 
 
-
 def side_run_ids(ids: str | list[str], side: str, what: str) -> list[str]:
     """One side of a comparison: run ids from a list or a comma-joined string, none empty or repeated."""
     out = [i.strip() for i in (ids.split(",") if isinstance(ids, str) else ids)]
@@ -209,7 +208,7 @@ def aligned_predictions(frames: list[pd.DataFrame], run_ids: list[str], keys: li
         unmatched = both[both["_merge"] != "both"]
         if len(unmatched):
             raise ValueError(f"runs {run_ids[0]} and {run_id} predicted different {what} "
-                             f"(e.g. image {unmatched[schema.IMAGE_ID].iloc[0]!r}, {hint}")
+                             f"(e.g. image {unmatched[schema.IMAGE_ID].iloc[0]!r}): {hint}")
         predicted.append(both.set_index(schema.IMAGE_ID).loc[first[schema.IMAGE_ID], "predicted"].to_numpy())
     return first[keys], predicted
 

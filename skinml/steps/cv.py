@@ -364,7 +364,7 @@ def _aligned_oof(runs: list[mlflow.entities.Run]) -> tuple[pd.DataFrame, list[np
     keys = [schema.IMAGE_ID, schema.PATIENT_ID, "true", "complete_metadata", "fold"]
     oofs = [_cv_artifact(run.info.run_id, "cv_oof_predictions.csv") for run in runs]
     return aligned_predictions(oofs, [run.info.run_id for run in runs], keys, "out-of-fold rows",
-                               "fold or patient differs): not the same folds")
+                               "its fold or patient differs: not the same folds")
 
 
 def _finished_cv_run(run_id: str) -> mlflow.entities.Run:
