@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -92,3 +93,28 @@ def test_other_dataset_logging_errors_are_not_retried(mlflow_store, synthetic_di
     with pytest.raises(mlflow.exceptions.MlflowException, match="schema too long"):
         run_split(str(synthetic_dir), seed=42)
     assert calls == ["train"]
+
+
+def test_artifact_downloads_draw_no_progress_bar_unless_asked(mlflow_store, tmp_path, capfd, monkeypatch):
+    table = tmp_path / "predictions.csv"
+    table.write_text("image_id,predicted\nPAT_1_1_1.png,NEV\n")
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(table), artifact_path="evaluation/test")
+    capfd.readouterr()
+    path = tracking.download_artifact(run.info.run_id, "evaluation/test/predictions.csv")
+    assert path.read_text() == table.read_text()
+    assert "Downloading artifacts" not in capfd.readouterr().err
+    # the bar is MLflow's and still there for whoever asks for it
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")
+    tracking.download_artifact(run.info.run_id, "evaluation/test/predictions.csv")
+    assert "Downloading artifacts" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "false"), ("true", "true")])
+def test_progress_bar_default_yields_to_the_users_setting(preset, expected):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"}
+    if preset is not None:
+        env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = preset
+    code = "import os, skinml.tracking; print(os.environ['MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected

@@ -219,8 +219,7 @@ def _evaluation_predictions(run_id: str, split: str) -> pd.DataFrame:
     except mlflow.exceptions.MlflowException as exc:
         raise ValueError(f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}") from exc
     try:
-        path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
-                                                   artifact_path=f"evaluation/{split}/predictions.csv")
+        path = tracking.download_artifact(run.info.run_id, f"evaluation/{split}/predictions.csv")
     except (mlflow.exceptions.MlflowException, OSError) as exc:
         flag = "" if split == "test" else f" --split {split}"
         raise ValueError(f"run {run_id} has no evaluation of its {split} split (evaluation/{split}/predictions.csv): "

@@ -378,7 +378,7 @@ def _finished_cv_run(run_id: str) -> mlflow.entities.Run:
 
 
 def _cv_artifact(run_id: str, name: str) -> pd.DataFrame:
-    return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name))
+    return pd.read_csv(tracking.download_artifact(run_id, name))
 
 
 def format_cv_comparison(result: CVComparison) -> str:
