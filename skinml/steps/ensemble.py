@@ -102,7 +102,7 @@ def build_ensemble(run_ids: list[str], tta: str = "none", data_dir: str | None =
     recipe = Recipe.from_dict(json.loads(tracking.download_artifact(first.info.run_id, "recipe.json").read_text()))
     criterion = make_loss(train_labels, recipe.imbalance, recipe.label_smoothing)
     log_proba = torch.log(torch.as_tensor(proba, dtype=torch.float32).clamp_min(torch.finfo(torch.float32).tiny))
-    val_loss = float(criterion(log_proba, torch.as_tensor(y, dtype=torch.long)))
+    val_loss = float(criterion(log_proba, torch.tensor(y, dtype=torch.long)))
     metrics = compute_metrics(y, proba)
     summary = {"best_val_bacc": float(metrics["balanced_accuracy"]), "best_val_accuracy": float(metrics["accuracy"]),
                "best_val_loss": val_loss, "ensemble_size": float(len(run_ids))}
