@@ -214,10 +214,7 @@ def aligned_predictions(frames: list[pd.DataFrame], run_ids: list[str], keys: li
 
 
 def _evaluation_predictions(run_id: str, split: str) -> pd.DataFrame:
-    try:
-        run = mlflow.MlflowClient().get_run(run_id)
-    except mlflow.exceptions.MlflowException as exc:
-        raise ValueError(f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}") from exc
+    run = tracking.get_run(run_id)
     try:
         path = tracking.download_artifact(run.info.run_id, f"evaluation/{split}/predictions.csv")
     except (mlflow.exceptions.MlflowException, OSError) as exc:
